@@ -1,0 +1,293 @@
+"""Input validation shared by every public entry point.
+
+Each check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (wrong value) and names
+the offending argument, before any kernel runs. Value checks that need to look at tensor
+contents (ids in range, finite logits) run only when ``check`` is true: on CPU that costs one
+extra read of the data and no host sync; on CUDA it would sync, so it is off there by default.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+DIVERGENCES = ("kl", "is", "gkl")
+OBJECTIVES = ("distrib", "score")
+TAILS = ("zero", "ignore")
+REDUCTIONS = ("none", "sum", "mean")
+BACKENDS = ("auto", "reference", "cpp", "triton")
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = FUSED_DTYPES + (torch.float64,)
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def tensor(name: str, value, dtypes=None) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None and value.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {dtypes}, got {value.dtype}")
+
+
+def same_device(name: str, value: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    if value.device != ref.device:
+        raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}")
+
+
+def positive_finite(name: str, value) -> float:
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a Python number, got a tensor")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
+def column_id(name: str, value, vocab: int) -> Optional[int]:
+    """An optional column index in [0, vocab)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    if not 0 <= value < vocab:
+        raise ValueError(f"{name}={value} is out of range for a vocabulary of {vocab}")
+    return value
+
+
+def ids_in_range(name: str, ids: torch.Tensor, vocab: int, ignore_index=None) -> None:
+    if ids.numel() == 0:
+        return
+    bad = (ids < 0) | (ids >= vocab)
+    if ignore_index is not None:
+        bad &= ids != ignore_index
+    if bool(bad.any()):
+        first = ids[bad].flatten()[0].item()
+        raise ValueError(f"{name} holds id {first} outside [0, {vocab})")
+
+
+def finite(name: str, value: torch.Tensor) -> None:
+    if value.numel() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or inf (pass check=False to skip this check)")
+
+
+def resolve_check(check: Optional[bool], device: torch.device) -> bool:
+    """Default: value checks on for CPU tensors (no sync), off on accelerators."""
+    return device.type == "cpu" if check is None else bool(check)
+
+
+@dataclass
+class LossInputs:
+    """Loss inputs flattened to rows: logits (N, V), target (N,), weight (N,) or None, ..."""
+
+    logits: torch.Tensor
+    target: torch.Tensor
+    weight: Optional[torch.Tensor]
+    teacher_logits: Optional[torch.Tensor]
+    topk_indices: Optional[torch.Tensor]
+    topk_log_ratios: Optional[torch.Tensor]
+    batch_shape: Tuple[int, ...]
+    vocab: int
+
+    @property
+    def kind(self) -> str:
+        if self.teacher_logits is not None:
+            return "dense"
+        if self.topk_indices is not None:
+            return "sparse"
+        return "data"
+
+
+def loss_inputs(logits, target, *, teacher_logits, teacher_topk, divergence, objective, weight,
+                mask_id, temperature, reduction, ignore_index, normalizer, tail, max_log_ratio,
+                backend, check) -> LossInputs:
+    """Validate every argument of ``fused_tcsm_loss`` and flatten to rows."""
+    tensor("logits", logits, FLOAT_DTYPES)
+    if logits.dim() < 1:
+        raise ValueError("logits must have at least one dimension (..., V)")
+    vocab = logits.shape[-1]
+    if vocab < 1:
+        raise ValueError("logits must have V >= 1 columns")
+    batch_shape = tuple(logits.shape[:-1])
+    tensor("target", target, INDEX_DTYPES)
+    if tuple(target.shape) != batch_shape:
+        raise ValueError(f"target must have shape {batch_shape} (logits without the last dim), "
+                         f"got {tuple(target.shape)}")
+    same_device("target", target, logits, "logits")
+    choice("divergence", divergence, DIVERGENCES)
+    choice("objective", objective, OBJECTIVES)
+    choice("reduction", reduction, REDUCTIONS)
+    choice("tail", tail, TAILS)
+    choice("backend", backend, BACKENDS)
+    positive_finite("temperature", temperature)
+    positive_finite("max_log_ratio", max_log_ratio)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    mask_id = column_id("mask_id", mask_id, vocab)
+    if mask_id is not None and vocab < 2:
+        raise ValueError("mask_id needs V >= 2 (the mask column is excluded)")
+    if normalizer is not None:
+        if isinstance(normalizer, torch.Tensor):
+            if normalizer.numel() != 1:
+                raise ValueError("normalizer must be a number or a one-element tensor")
+            same_device("normalizer", normalizer, logits, "logits")
+        else:
+            positive_finite("normalizer", normalizer)
+
+    if teacher_logits is not None and teacher_topk is not None:
+        raise ValueError("pass at most one of teacher_logits and teacher_topk")
+    rows = math.prod(batch_shape)
+    topk_indices = topk_log_ratios = None
+    if teacher_logits is not None:
+        tensor("teacher_logits", teacher_logits, FLOAT_DTYPES)
+        if teacher_logits.shape != logits.shape:
+            raise ValueError(f"teacher_logits must have the shape of logits {tuple(logits.shape)},"
+                             f" got {tuple(teacher_logits.shape)}")
+        same_device("teacher_logits", teacher_logits, logits, "logits")
+        if objective == "score" and divergence == "kl":
+            raise ValueError("divergence='kl' has no score objective (SPEC 4.3); "
+                             "use objective='distrib' or divergence='gkl'/'is'")
+        teacher_logits = teacher_logits.reshape(rows, vocab)
+    elif teacher_topk is not None:
+        if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
+            raise TypeError("teacher_topk must be a pair (indices (..., K), log_ratios (..., K))")
+        topk_indices, topk_log_ratios = teacher_topk
+        tensor("teacher_topk indices", topk_indices, INDEX_DTYPES)
+        tensor("teacher_topk log_ratios", topk_log_ratios, FLOAT_DTYPES)
+        if topk_indices.dim() < 1 or tuple(topk_indices.shape[:-1]) != batch_shape:
+            raise ValueError(f"teacher_topk indices must have shape {batch_shape + ('K',)}, "
+                             f"got {tuple(topk_indices.shape)}")
+        if topk_log_ratios.shape != topk_indices.shape:
+            raise ValueError("teacher_topk log_ratios must have the shape of its indices "
+                             f"{tuple(topk_indices.shape)}, got {tuple(topk_log_ratios.shape)}")
+        k = topk_indices.shape[-1]
+        if k > vocab:
+            raise ValueError(f"teacher_topk has K={k} > V={vocab}")
+        same_device("teacher_topk indices", topk_indices, logits, "logits")
+        same_device("teacher_topk log_ratios", topk_log_ratios, logits, "logits")
+        if divergence == "kl":
+            raise ValueError("divergence='kl' is not defined for a top-K teacher (SPEC 4.4); "
+                             "use 'gkl' or 'is'")
+        topk_indices = topk_indices.reshape(rows, k)
+        topk_log_ratios = topk_log_ratios.reshape(rows, k)
+
+    if weight is not None:
+        tensor("weight", weight, FLOAT_DTYPES)
+        same_device("weight", weight, logits, "logits")
+        try:
+            weight = torch.broadcast_to(weight, batch_shape)
+        except RuntimeError:
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not broadcast to "
+                             f"{batch_shape}") from None
+        weight = weight.reshape(rows)
+
+    flat_logits = logits.reshape(rows, vocab)
+    flat_target = target.reshape(rows)
+    if resolve_check(check, logits.device):
+        ids_in_range("target", flat_target, vocab, ignore_index)
+        if mask_id is not None and bool(((flat_target == mask_id)).any()):
+            raise ValueError(f"target holds mask_id={mask_id} on a row that is not ignored; "
+                             "targets are clean tokens (use ignore_index or weight=0)")
+        finite("logits", flat_logits)
+        if teacher_logits is not None:
+            finite("teacher_logits", teacher_logits)
+        if topk_indices is not None:
+            ids_in_range("teacher_topk indices", topk_indices, vocab)
+            finite("teacher_topk log_ratios", topk_log_ratios)
+        if weight is not None:
+            finite("weight", weight)
+    return LossInputs(flat_logits, flat_target, weight, teacher_logits, topk_indices,
+                      topk_log_ratios, batch_shape, vocab)
+
+
+def step_inputs(logits, x, jump_prob, *, mask_id, temperature, frozen, seed, offset, backend,
+                check=None):
+    """Validate ``ctmc_step`` arguments; returns (logits (N, V), x (N,), jump (N,), frozen (N,)|None)."""
+    tensor("logits", logits, FLOAT_DTYPES)
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError("logits must have shape (..., V) with V >= 1")
+    vocab = logits.shape[-1]
+    batch_shape = tuple(logits.shape[:-1])
+    tensor("x", x, INDEX_DTYPES)
+    if tuple(x.shape) != batch_shape:
+        raise ValueError(f"x must have shape {batch_shape}, got {tuple(x.shape)}")
+    same_device("x", x, logits, "logits")
+    tensor("jump_prob", jump_prob, FLOAT_DTYPES)
+    same_device("jump_prob", jump_prob, logits, "logits")
+    try:
+        jump = torch.broadcast_to(jump_prob, batch_shape)
+    except RuntimeError:
+        raise ValueError(f"jump_prob of shape {tuple(jump_prob.shape)} does not broadcast to "
+                         f"{batch_shape}") from None
+    mask_id = column_id("mask_id", mask_id, vocab)
+    if mask_id is not None and vocab < 2:
+        raise ValueError("mask_id needs V >= 2 (the mask column is excluded from x1)")
+    positive_finite("temperature", temperature)
+    for name, value in (("seed", seed), ("offset", offset)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if not 0 <= value < 2**63:
+            raise ValueError(f"{name} must be in [0, 2**63), got {value}")
+    choice("backend", backend, BACKENDS)
+    if frozen is not None:
+        tensor("frozen", frozen, (torch.bool,))
+        same_device("frozen", frozen, logits, "logits")
+        try:
+            frozen = torch.broadcast_to(frozen, batch_shape)
+        except RuntimeError:
+            raise ValueError(f"frozen of shape {tuple(frozen.shape)} does not broadcast to "
+                             f"{batch_shape}") from None
+    rows = math.prod(batch_shape)
+    flat_logits = logits.reshape(rows, vocab)
+    flat_x = x.reshape(rows)
+    flat_jump = jump.reshape(rows)
+    if resolve_check(check, logits.device):
+        ids_in_range("x", flat_x, vocab)
+        if flat_jump.numel() and bool(((flat_jump < 0) | (flat_jump > 1) | flat_jump.isnan()).any()):
+            raise ValueError("jump_prob must lie in [0, 1]")
+        finite("logits", flat_logits)
+    return flat_logits, flat_x, flat_jump, (None if frozen is None else frozen.reshape(rows)), \
+        batch_shape, mask_id
+
+
+def topk_inputs(teacher_logits, target, k, *, temperature, correction, backend, check=None):
+    """Validate ``topk_concrete_scores`` arguments; returns rows views."""
+    tensor("teacher_logits", teacher_logits, FLOAT_DTYPES)
+    if teacher_logits.dim() < 1 or teacher_logits.shape[-1] < 1:
+        raise ValueError("teacher_logits must have shape (..., V) with V >= 1")
+    vocab = teacher_logits.shape[-1]
+    batch_shape = tuple(teacher_logits.shape[:-1])
+    tensor("target", target, INDEX_DTYPES)
+    if tuple(target.shape) != batch_shape:
+        raise ValueError(f"target must have shape {batch_shape}, got {tuple(target.shape)}")
+    same_device("target", target, teacher_logits, "teacher_logits")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be in [1, V={vocab}], got {k}")
+    positive_finite("temperature", temperature)
+    choice("backend", backend, BACKENDS)
+    rows = math.prod(batch_shape)
+    if correction is not None:
+        tensor("correction", correction, FLOAT_DTYPES)
+        same_device("correction", correction, teacher_logits, "teacher_logits")
+        if tuple(correction.shape) not in (batch_shape + (vocab,), batch_shape + (k,)):
+            raise ValueError(f"correction must have shape {batch_shape + (vocab,)} or "
+                             f"{batch_shape + (k,)}, got {tuple(correction.shape)}")
+        correction = correction.reshape(rows, correction.shape[-1])
+    flat_u = teacher_logits.reshape(rows, vocab)
+    flat_target = target.reshape(rows)
+    if resolve_check(check, teacher_logits.device):
+        ids_in_range("target", flat_target, vocab)
+        finite("teacher_logits", flat_u)
+        if correction is not None:
+            finite("correction", correction)
+    return flat_u, flat_target, correction, batch_shape

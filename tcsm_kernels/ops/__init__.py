@@ -1,0 +1,1 @@
+"""One module per fused op: custom-op registration, fake kernel, autograd, dispatch."""

@@ -1,0 +1,234 @@
+"""The SPEC in plain PyTorch: materialising, obviously correct, differentiable. The oracle.
+
+Every fused backend is tested against these functions. Math runs in float64 for float64 inputs
+and in float32 otherwise. Gradients come from autograd; the one non-smooth piece, the exponent
+clamp of SPEC 4.5, uses ``_clamped_exp`` whose derivative is its own (clamped) value, which is
+exactly what the fused kernels compute in closed form.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import _checks, philox
+
+
+class _ClampedExp(torch.autograd.Function):
+    """exp(min(x, limit)) with derivative exp(min(x, limit)) (SPEC 4.5: never overflow)."""
+
+    @staticmethod
+    def forward(ctx, x, limit):
+        out = torch.exp(x.clamp(max=limit))
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return grad * out, None
+
+
+def _clamped_exp(x: torch.Tensor, limit: float) -> torch.Tensor:
+    return _ClampedExp.apply(x, limit)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _drop_column(rows: torch.Tensor, mask_id: Optional[int]) -> torch.Tensor:
+    """(N, V) -> (N, V - 1) without the mask column (SPEC 1: mask_id acts as -inf)."""
+    if mask_id is None:
+        return rows
+    keep = torch.arange(rows.shape[1], device=rows.device) != mask_id
+    return rows[:, keep]
+
+
+def _remap_ids(ids: torch.Tensor, mask_id: Optional[int]) -> torch.Tensor:
+    """Column ids in the (V - 1)-column space that has the mask column removed."""
+    if mask_id is None:
+        return ids
+    return ids - (ids > mask_id).to(ids.dtype)
+
+
+def _row_losses(inp: _checks.LossInputs, *, divergence, objective, mask_id, temperature,
+                ignore_index, tail, max_log_ratio) -> torch.Tensor:
+    """(N,) unweighted per-row losses (SPEC 4); ignored rows hold finite placeholders."""
+    ct = _compute_dtype(inp.logits.dtype)
+    z = _drop_column(inp.logits.to(ct), mask_id)
+    n, v = z.shape
+    active = inp.target != ignore_index
+    a = _remap_ids(torch.where(active, inp.target, torch.zeros_like(inp.target)), mask_id).long()
+    a = a.clamp(0, v - 1)
+    lse = torch.logsumexp(z, dim=1)
+    z_a = z.gather(1, a[:, None])[:, 0]
+    logp = z - lse[:, None]
+
+    def exp_(x):
+        return _clamped_exp(x, max_log_ratio)
+
+    if inp.kind == "data":  # SPEC 4.1
+        kl = lse - z_a
+        is_ = (exp_(lse - z_a) + z.sum(1) - v * lse) / v
+        return {"kl": kl, "is": is_, "gkl": kl + is_}[divergence]
+
+    if inp.kind == "dense":
+        u = _drop_column(inp.teacher_logits.to(ct), mask_id) / temperature
+        logq = u - torch.logsumexp(u, dim=1, keepdim=True)
+        if objective == "distrib":  # SPEC 4.2
+            log_ratio = logq - logp  # log(q / p)
+            kl = (logq.exp() * log_ratio).sum(1)
+            is_ = (exp_(log_ratio) - log_ratio - 1).sum(1) / v
+            return {"kl": kl, "is": is_, "gkl": kl + is_}[divergence]
+        logq_a = logq.gather(1, a[:, None])[:, 0]
+        logp_a = logp.gather(1, a[:, None])[:, 0]
+        if divergence == "gkl":  # SPEC 4.3: (1/V) GKL(q/q_a, p/p_a)
+            kl = (logq.exp() * (logq - logp)).sum(1)
+            return ((kl - logq_a + logp_a) * exp_(-logq_a) - exp_(-logq_a) + exp_(-logp_a)) / v
+        # SPEC 4.3, is: r_y = log(A_y / B_y) = (log q_y - log q_a) - (z_y - z_a)
+        r = (logq - logq_a[:, None]) - (z - z_a[:, None])
+        return (exp_(r) - r - 1).sum(1) / v
+
+    # SPEC 4.4: sparse top-K teacher, score objective.
+    idx = inp.topk_indices.long()
+    rho = inp.topk_log_ratios.to(ct)
+    counted = idx != inp.target[:, None]
+    if mask_id is not None:
+        counted &= idx != mask_id
+    idx = _remap_ids(idx, mask_id).clamp(0, v - 1)
+    log_b = z.gather(1, idx) - z_a[:, None]  # log B_y = z_y - z_a
+    if divergence == "is":
+        r = rho - log_b
+        return torch.where(counted, exp_(r) - r - 1, 0).sum(1) / v
+    big_a = exp_(rho)
+    cross = torch.where(counted, big_a * (rho - log_b) - big_a, 0).sum(1)
+    if tail == "zero":  # sum_{y != a} B_y = exp(LSE - z_a) - 1
+        return (cross + exp_(lse - z_a) - 1) / v
+    return (cross + torch.where(counted, exp_(log_b), 0).sum(1)) / v
+
+
+def reduce_rows(row_loss: torch.Tensor, target: torch.Tensor, reduction: str, ignore_index: int,
+                normalizer, batch_shape) -> torch.Tensor:
+    """SPEC 5 reductions of weighted per-row losses (ignored rows already zero)."""
+    if reduction == "none":
+        return row_loss.reshape(batch_shape)
+    total = row_loss.sum()
+    if reduction == "sum":
+        return total
+    if normalizer is None:
+        count = (target != ignore_index).sum().clamp(min=1)
+        return total / count.to(total.dtype)
+    return total / normalizer
+
+
+def tcsm_loss(logits, target, *, teacher_logits=None, teacher_topk=None, divergence="kl",
+              objective="distrib", weight=None, mask_id=None, temperature=1.0, reduction="mean",
+              ignore_index=-100, normalizer=None, tail="zero", max_log_ratio=30.0,
+              inplace_backward=False, backend="reference", check=None) -> torch.Tensor:
+    """TCSM loss of SPEC 4-5 on logits (..., V); same signature as ``fused_tcsm_loss``.
+
+    ``inplace_backward`` and ``backend`` are accepted so the two functions can be swapped; the
+    reference has no in-place gradient and is its own backend. Returns float32 (float64 for
+    float64 logits): a scalar, or per-row losses (...) for ``reduction="none"``.
+    """
+    inp = _checks.loss_inputs(
+        logits, target, teacher_logits=teacher_logits, teacher_topk=teacher_topk,
+        divergence=divergence, objective=objective, weight=weight, mask_id=mask_id,
+        temperature=temperature, reduction=reduction, ignore_index=ignore_index,
+        normalizer=normalizer, tail=tail, max_log_ratio=max_log_ratio, backend=backend,
+        check=check)
+    rows = _row_losses(inp, divergence=divergence, objective=objective, mask_id=mask_id,
+                       temperature=float(temperature), ignore_index=ignore_index, tail=tail,
+                       max_log_ratio=float(max_log_ratio))
+    scale = (inp.target != ignore_index).to(rows.dtype)
+    if inp.weight is not None:
+        scale = scale * inp.weight.to(rows.dtype)
+    # where (not a product) so that an inf placeholder on an ignored row cannot leak a NaN
+    row_loss = torch.where(scale != 0, rows * scale, torch.zeros_like(rows))
+    return reduce_rows(row_loss, inp.target, reduction, ignore_index, normalizer, inp.batch_shape)
+
+
+def topk_concrete_scores(teacher_logits, target, k, *, temperature=1.0, correction=None,
+                         backend="reference", check=None):
+    """SPEC 6: per row the k largest teacher logits (ties: lower index first).
+
+    Returns indices (..., k) int64, log-ratios ``(u_y - u_a) / tau (+ correction)`` (..., k)
+    float32 and the row LSE of ``u / tau`` (...) float32. ``correction`` (..., V) is indexed by
+    vocabulary column; (..., k) (k < V) is added position by position.
+    """
+    u, a, corr, batch_shape = _checks.topk_inputs(
+        teacher_logits, target, k, temperature=temperature, correction=correction,
+        backend=backend, check=check)
+    ct = _compute_dtype(u.dtype)
+    u = u.to(ct)
+    order = torch.sort(u, dim=1, descending=True, stable=True).indices[:, :k]
+    u_a = u.gather(1, a.long()[:, None])
+    log_ratios = (u.gather(1, order) - u_a) / temperature
+    if corr is not None:
+        corr = corr.to(ct)
+        per_column = corr.shape[1] == u.shape[1]
+        log_ratios = log_ratios + (corr.gather(1, order) if per_column else corr)
+    lse = torch.logsumexp(u / temperature, dim=1)
+    out_dtype = torch.float64 if ct == torch.float64 else torch.float32
+    return (order.reshape(batch_shape + (k,)), log_ratios.to(out_dtype).reshape(batch_shape + (k,)),
+            lse.to(out_dtype).reshape(batch_shape))
+
+
+class StepOutput(NamedTuple):
+    """Result of one CTMC step; fields not asked for are None. All (...) shaped."""
+
+    x: torch.Tensor
+    x1: Optional[torch.Tensor] = None
+    prob: Optional[torch.Tensor] = None
+    margin: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+
+
+def step_result(x_next, x1, prob, margin, entropy, batch_shape, return_x1, return_confidence):
+    """Shape the outputs of a CTMC step the way ``ctmc_step`` promises."""
+    if not (return_x1 or return_confidence):
+        return x_next.reshape(batch_shape)
+    conf = [None, None, None]
+    if return_confidence:
+        conf = [t.reshape(batch_shape) for t in (prob, margin, entropy)]
+    return StepOutput(x_next.reshape(batch_shape), x1.reshape(batch_shape) if return_x1 else None,
+                      *conf)
+
+
+def ctmc_step(logits, x, jump_prob, *, mask_id=None, temperature=1.0, frozen=None, seed=0,
+              offset=0, return_x1=False, return_confidence=False, backend="reference",
+              check=None):
+    """SPEC 7: one reverse CTMC step. logits (..., V), x (...), jump_prob broadcastable to x.
+
+    x1 ~ softmax(z / T) without mask_id by inverse CDF with the row's Philox uniform; the row
+    moves to x1 when it may change (masked path: x == mask_id; uniform path: always; never when
+    frozen) and its jump uniform is below jump_prob. Returns x_next (...) int64, or a
+    ``StepOutput`` with x1 and/or confidence (p(x1), top-1 minus top-2 probability, entropy).
+    """
+    z, x, jump, frozen, batch_shape, mask_id = _checks.step_inputs(
+        logits, x, jump_prob, mask_id=mask_id, temperature=temperature, frozen=frozen, seed=seed,
+        offset=offset, backend=backend, check=check)
+    n, v = z.shape
+    u_draw, u_jump = philox.row_uniforms(seed, offset, n, device=z.device)
+    scaled = z.double() / temperature
+    if mask_id is not None:
+        scaled[:, mask_id] = float("-inf")
+    weights = torch.exp(scaled - scaled.max(dim=1, keepdim=True).values)
+    cdf = weights.cumsum(dim=1)
+    total = cdf[:, -1:]
+    # u < 1 - 2**-33, so u * total < cdf[-1] in float64: the first column whose cdf exceeds it
+    # exists and has positive weight (the mask column, of weight 0, is never picked).
+    x1 = torch.searchsorted(cdf, u_draw[:, None] * total, right=True)[:, 0]
+    may_change = torch.ones_like(x, dtype=torch.bool) if mask_id is None else x == mask_id
+    if frozen is not None:
+        may_change &= ~frozen
+    moves = may_change & (u_jump < jump.double())
+    x_next = torch.where(moves, x1, x.long())
+    probs = weights / total
+    prob = probs.gather(1, x1[:, None])[:, 0]
+    top2 = probs.topk(min(2, v), dim=1).values
+    margin = top2[:, 0] - (top2[:, 1] if v > 1 else 0)
+    entropy = -torch.where(probs > 0, probs * probs.log(), 0).sum(1)
+    return step_result(x_next, x1, prob.float(), margin.float(), entropy.float(), batch_shape,
+                       return_x1, return_confidence)

@@ -1,0 +1,1 @@
+"""Reference training loop: model, data, pre-training, evaluation, sampling, CLI."""
