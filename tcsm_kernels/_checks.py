@@ -80,8 +80,26 @@ def finite(name: str, value: torch.Tensor) -> None:
 
 
 def resolve_check(check: Optional[bool], device: torch.device) -> bool:
-    """Default: value checks on for CPU tensors (no sync), off on accelerators."""
+    """Default: value checks on for CPU tensors (no sync), off on accelerators and while
+    torch.compile traces (a data-dependent raise would break the graph)."""
+    if torch.compiler.is_compiling():
+        return False
     return device.type == "cpu" if check is None else bool(check)
+
+
+def finite_rows(row_loss: torch.Tensor, inp: "LossInputs", check: bool) -> None:
+    """Checked mode, O(N): NaN/+inf in the logits or teacher logits of a loss-carrying row
+    makes that row's loss non-finite (the kernels never produce one from finite inputs), so
+    inspecting the (N,) result replaces a separate pass over (N, V). -inf logits are allowed."""
+    if not check or row_loss.numel() == 0 or bool(torch.isfinite(row_loss).all()):
+        return
+    row = int((~torch.isfinite(row_loss)).nonzero()[0, 0])
+    for name, values in (("logits", inp.logits), ("teacher_logits", inp.teacher_logits)):
+        if values is not None and bool(torch.isnan(values[row]).any() | (values[row] == float("inf")).any()):
+            raise ValueError(f"{name} contains NaN or +inf (row {row}); pass check=False to skip "
+                             "this check")
+    raise ValueError(f"the loss of row {row} is not finite although its inputs are; please report "
+                     "this with the inputs")
 
 
 @dataclass
@@ -196,9 +214,6 @@ def loss_inputs(logits, target, *, teacher_logits, teacher_topk, divergence, obj
         if mask_id is not None and bool(((flat_target == mask_id)).any()):
             raise ValueError(f"target holds mask_id={mask_id} on a row that is not ignored; "
                              "targets are clean tokens (use ignore_index or weight=0)")
-        finite("logits", flat_logits)
-        if teacher_logits is not None:
-            finite("teacher_logits", teacher_logits)
         if topk_indices is not None:
             ids_in_range("teacher_topk indices", topk_indices, vocab)
             finite("teacher_topk log_ratios", topk_log_ratios)

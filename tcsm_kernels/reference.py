@@ -108,7 +108,7 @@ def _row_losses(inp: _checks.LossInputs, *, divergence, objective, mask_id, temp
     return (cross + torch.where(counted, exp_(log_b), 0).sum(1)) / v
 
 
-def reduce_rows(row_loss: torch.Tensor, target: torch.Tensor, reduction: str, ignore_index: int,
+def _reduce_rows(row_loss: torch.Tensor, target: torch.Tensor, reduction: str, ignore_index: int,
                 normalizer, batch_shape) -> torch.Tensor:
     """SPEC 5 reductions of weighted per-row losses (ignored rows already zero)."""
     if reduction == "none":
@@ -141,12 +141,15 @@ def tcsm_loss(logits, target, *, teacher_logits=None, teacher_topk=None, diverge
     rows = _row_losses(inp, divergence=divergence, objective=objective, mask_id=mask_id,
                        temperature=float(temperature), ignore_index=ignore_index, tail=tail,
                        max_log_ratio=float(max_log_ratio))
-    scale = (inp.target != ignore_index).to(rows.dtype)
+    active = inp.target != ignore_index
+    _checks.finite_rows(torch.where(active, rows, 0), inp,
+                        _checks.resolve_check(check, inp.logits.device))
+    scale = active.to(rows.dtype)
     if inp.weight is not None:
         scale = scale * inp.weight.to(rows.dtype)
     # where (not a product) so that an inf placeholder on an ignored row cannot leak a NaN
     row_loss = torch.where(scale != 0, rows * scale, torch.zeros_like(rows))
-    return reduce_rows(row_loss, inp.target, reduction, ignore_index, normalizer, inp.batch_shape)
+    return _reduce_rows(row_loss, inp.target, reduction, ignore_index, normalizer, inp.batch_shape)
 
 
 def topk_concrete_scores(teacher_logits, target, k, *, temperature=1.0, correction=None,
