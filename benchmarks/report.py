@@ -19,6 +19,12 @@ def load(path):
     return rows, data.get("machine_info", {})
 
 
+def throughput(r) -> str:
+    if "tokens_per_s" in r:
+        return f"{r['tokens_per_s']:.0f} tok/s, {r['model_calls_per_run']:.0f} model calls"
+    return f"{r['gbs']:.1f}"
+
+
 def table(rows, machine) -> str:
     groups = defaultdict(dict)
     for r in rows:
@@ -45,7 +51,7 @@ def table(rows, machine) -> str:
             lines.append(
                 f"| {kind} | {case} | {n} | {v} | {name} | {1e3 * r['median_s']:.1f} | "
                 f"{ratio('eager')} | {ratio('compiled')} | {ratio(torch_name)} | "
-                f"{r['gbs']:.1f} | {'' if pct is None else f'{pct:.0f}%'} | {mem} |")
+                f"{throughput(r)} | {'' if pct is None else f'{pct:.0f}%'} | {mem} |")
     return "\n".join(lines) + "\n"
 
 

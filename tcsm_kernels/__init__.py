@@ -4,11 +4,12 @@ Public API: ``fused_tcsm_loss`` / ``TCSMLoss`` (SPEC 4-5), ``ctmc_step`` (SPEC 7
 ``topk_concrete_scores`` (SPEC 6); ``reference`` holds the plain-PyTorch oracle of each.
 """
 from . import processes, reference, schedules
+from .ops.ctmc_step import ctmc_step
 from .ops.loss import TCSMLoss, fused_tcsm_loss
 from .ops.row_lse import row_logsumexp
 from .processes import MaskedProcess, UniformProcess
 from .schedules import get_schedule
 
-__all__ = ["fused_tcsm_loss", "TCSMLoss", "reference", "schedules", "processes", "MaskedProcess", "UniformProcess",
+__all__ = ["fused_tcsm_loss", "TCSMLoss", "ctmc_step", "reference", "schedules", "processes", "MaskedProcess", "UniformProcess",
            "get_schedule", "row_logsumexp"]
 __version__ = "0.1.0"

@@ -84,7 +84,10 @@ def test_low_precision_error_no_worse_than_eager(backend, dtype, config, request
     assert loss_err <= (eager_loss.double() - truth_loss).abs() + 1e-6 * truth_loss.abs() + 1e-7
     grad_err = (got_grad.cpu().double() - truth_grad).abs().max()
     eager_err = (eager_grad.double() - truth_grad).abs().max()
-    assert grad_err <= 1.5 * eager_err + 1e-7
+    # The Triton interpreter casts float32 -> bfloat16 by truncation where compiled Triton
+    # rounds to nearest, which can double the rounding error: one more ulp of slack there.
+    interpreted_bf16 = backend == "triton" and dtype == torch.bfloat16 and device == "cpu"
+    assert grad_err <= (2.5 if interpreted_bf16 else 1.5) * eager_err + 1e-7
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

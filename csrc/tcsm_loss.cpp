@@ -1,0 +1,630 @@
+// Fused TCSM loss + gradient, CPU (SPEC 4-5). OpenMP over rows; per row at most two streaming
+// passes over the columns. VECTORISATION_NOTE
+// GCC 12 threads fast_exp's overflow path into a constant FLT_MAX-scale * 2 and, under the
+// default -ftrapping-math, refuses to if-convert a possibly trapping operation: every column
+// loop that stores an exp would stay scalar. FP exception flags are never read here, and
+// -fno-trapping-math changes no result (it is not part of -ffast-math's value changes).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+#include "tcsm_loss.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "fast_exp.h"
+
+namespace tcsm {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+// Columns per block of the online max: one horizontal max per block, whose data the exp loop
+// then re-reads from L1; block partial sums are float32, row totals double.
+constexpr int64_t kBlock = 512;
+
+TCSM_INLINE uint32_t float_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
+}
+
+TCSM_INLINE float float_from_bits(uint32_t bits) { return bits_to_float(static_cast<int32_t>(bits)); }
+
+// Storage formats of logits, teacher logits and gradient. Loads widen to float32, stores round
+// to nearest even; both are branch-free so that the column loops vectorise.
+struct Float32 {
+  using Storage = float;
+  static TCSM_INLINE float load(float x) { return x; }
+  static TCSM_INLINE float store(float x) { return x; }
+};
+
+// bfloat16 is the upper half of a float32.
+struct BFloat16 {
+  using Storage = uint16_t;
+  static TCSM_INLINE float load(uint16_t x) { return float_from_bits(uint32_t{x} << 16); }
+  static TCSM_INLINE uint16_t store(float x) {
+    const uint32_t bits = float_bits(x);
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const uint32_t quiet_nan = (bits >> 16) | 0x40u;
+    return static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+  }
+};
+
+// IEEE binary16 (sign, 5 exponent bits of bias 15, 10 mantissa bits), converted in integer
+// arithmetic: portable, and the build does not enable F16C.
+struct Float16 {
+  using Storage = uint16_t;
+  static TCSM_INLINE float load(uint16_t x) {
+    const uint32_t sign = (uint32_t{x} & 0x8000u) << 16;
+    const uint32_t magnitude = uint32_t{x} & 0x7fffu;
+    // normal: move the fields into place and add 127 - 15 to the exponent;
+    // subnormal: mantissa * 2^-24; inf/NaN: all-ones exponent, mantissa kept.
+    const float normal = float_from_bits((magnitude << 13) + (112u << 23));
+    const float subnormal = static_cast<float>(static_cast<int32_t>(magnitude)) * 0x1.0p-24f;
+    const float special = float_from_bits((magnitude << 13) | 0x7f800000u);
+    const float value = magnitude < 0x400u ? subnormal : (magnitude >= 0x7c00u ? special : normal);
+    return float_from_bits(float_bits(value) | sign);
+  }
+  static TCSM_INLINE uint16_t store(float x) {
+    const uint32_t bits = float_bits(x);
+    const uint32_t sign = (bits >> 16) & 0x8000u;
+    const uint32_t magnitude = bits & 0x7fffffffu;
+    // |x| >= 2^-14: rebias the exponent, round the 13 dropped bits to nearest even (a carry
+    // may reach the exponent; 65520 and up round to inf).
+    const uint32_t normal = (magnitude - (112u << 23) + 0xfffu + ((magnitude >> 13) & 1u)) >> 13;
+    // |x| < 2^-14: adding 0.5 leaves the half's subnormal step 2^-24 as the float ulp, so the
+    // float adder rounds, and the bits above those of 0.5 are the half mantissa.
+    const uint32_t subnormal = float_bits(float_from_bits(magnitude) + 0.5f) - 0x3f000000u;
+    const uint32_t finite = magnitude < 0x38800000u ? subnormal : normal;
+    const uint32_t overflowed = magnitude >= 0x47800000u ? 0x7c00u : finite;
+    return static_cast<uint16_t>(sign | (magnitude > 0x7f800000u ? 0x7e00u : overflowed));
+  }
+};
+
+// exp(min(x, limit)) (SPEC 4.5). The reference's autograd differentiates it as its own clamped
+// value, so the gradients below use the same clamped value in the analytic formulas.
+TCSM_INLINE float clamped_exp(float x, float limit) { return fast_exp(limit < x ? limit : x); }
+
+// x / divisor as the division rounds it (but for rare ties), without a division in the
+// column loops: one correction of x * (1 / divisor) by its exact fma residual.
+TCSM_INLINE float divide(float x, float divisor, float inverse) {
+  const float quotient = x * inverse;
+  return std::fma(std::fma(-quotient, divisor, x), inverse, quotient);
+}
+
+// The participating columns, [0, V) without the mask column (SPEC 1: the mask column acts as a
+// -inf logit in student and teacher), as one or two contiguous ranges.
+struct ColumnRanges {
+  int64_t begin[2];
+  int64_t end[2];
+  int count;
+};
+
+ColumnRanges participating_columns(int64_t cols, int64_t mask_id) {
+  if (mask_id < 0) return {{0, 0}, {cols, 0}, 1};
+  return {{0, mask_id + 1}, {mask_id, cols}, 2};
+}
+
+// Calls block(begin, end) on consecutive blocks of at most kBlock participating columns.
+template <class BlockFn>
+TCSM_INLINE void for_each_block(const ColumnRanges& ranges, BlockFn&& block) {
+  for (int r = 0; r < ranges.count; ++r) {
+    for (int64_t begin = ranges.begin[r]; begin < ranges.end[r]; begin += kBlock) {
+      block(begin, std::min(begin + kBlock, ranges.end[r]));
+    }
+  }
+}
+
+// Online log-sum-exp: per block, raise the running max to the block's max (one rescale of the
+// running sum), then add the block's sum of exp(x - max). One exp per element.
+struct OnlineLogSumExp {
+  float max = -kInf;
+  double sum = 0.0;
+
+  float raise(float block_max) {
+    if (block_max > max) {
+      sum *= std::exp(static_cast<double>(max) - block_max);
+      max = block_max;
+    }
+    return max;
+  }
+  // LSE = max + log_sum. The kernels form x - LSE as (x - max) - log_sum: exact-ish for the
+  // largest entries, whose p near 1 is where p - q and p_a - 1 cancel.
+  float log_sum() const { return static_cast<float>(std::log(sum)); }
+};
+
+// What every row shares.
+struct Shape {
+  int64_t cols;
+  int64_t mask_id;
+  int64_t topk;
+  ColumnRanges ranges;
+  float participating;  // V in the formulas: cols, or cols - 1 with a mask column
+  float temperature;
+  float max_log_ratio;
+};
+
+// One loss-carrying row with a valid target column a. The kernels copy the pointers into
+// locals before their column loops: GCC 12 otherwise reloads them from the struct in the loop
+// and the vectorised loop it reports is never entered.
+template <class Format>
+struct Row {
+  using Storage = typename Format::Storage;
+  const Storage* logits;
+  const Storage* teacher;  // dense teacher logits, or null
+  const int64_t* topk_index;
+  const float* topk_log_ratio;
+  Storage* grad;  // may alias logits: every z_k is read before g_k is written
+  int64_t a;
+  float weight;
+};
+
+// Per-thread buffers of the sparse kernels.
+struct Scratch {
+  std::vector<float> column_coef;  // (cols,), all zero between rows
+  std::vector<float> entry_logit;  // (topk,)
+};
+
+// Writes the mask column's gradient (always 0).
+template <class Format>
+TCSM_INLINE void zero_mask_column(typename Format::Storage* grad, const Shape& shape) {
+  if (shape.mask_id >= 0) grad[shape.mask_id] = Format::store(0.f);
+}
+
+// SPEC 4.1, data target. Pass 1: LSE and, for is/gkl, sum_y (z_y - z_a) (shifted by z_a so
+// that sum z - V LSE = sum (z - z_a) - V (LSE - z_a) does not cancel at large |z|).
+// Pass 2: grad = offset + slope * p on every column, then column a is overwritten.
+template <class Format, Divergence kDivergence>
+float data_row(const Row<Format>& row, const Shape& shape, Scratch&) {
+  const auto* const logits = row.logits;
+  auto* const grad = row.grad;
+  const float z_a = Format::load(logits[row.a]);
+  OnlineLogSumExp student_stats;
+  double shifted_sum = 0.0;
+  for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+    float block_max = -kInf;
+#pragma omp simd reduction(max : block_max)
+    for (int64_t k = begin; k < end; ++k) {
+      const float z = Format::load(logits[k]);
+      block_max = z > block_max ? z : block_max;
+    }
+    const float max = student_stats.raise(block_max);
+    float block_sum = 0.f;
+    float block_shifted = 0.f;
+#pragma omp simd reduction(+ : block_sum, block_shifted)
+    for (int64_t k = begin; k < end; ++k) {
+      const float z = Format::load(logits[k]);
+      block_sum += fast_exp(z - max);
+      block_shifted += z - z_a;
+    }
+    student_stats.sum += block_sum;
+    shifted_sum += block_shifted;
+  });
+  const float z_max = student_stats.max;
+  const float z_log_sum = student_stats.log_sum();
+  const float log_inv_pa = (z_max - z_a) + z_log_sum;      // LSE - z_a = -log p_a
+  const float pa_minus_one = std::expm1(-log_inv_pa);      // p_a - 1 without cancellation
+  const float v = shape.participating;
+  const float scale = row.weight / v;
+  // kl: loss LSE - z_a, grad p - e_a
+  float offset = 0.f, slope = row.weight, grad_a = row.weight * pa_minus_one, loss = log_inv_pa;
+  if constexpr (kDivergence != Divergence::kKL) {
+    const float inv_pa = clamped_exp(log_inv_pa, shape.max_log_ratio);  // 1/p_a, clamped
+    offset = scale;
+    if constexpr (kDivergence == Divergence::kIS) {
+      // is: loss (1/p_a + sum z - V LSE) / V; grad (1/p_a (p - e_a) + 1 - V p) / V,
+      // i.e. (1 + p (1/p_a - V)) / V off a and (1 + 1/p_a (p_a - 1) - V p_a) / V at a.
+      slope = scale * (inv_pa - v);
+      grad_a = scale * (1.f + inv_pa * pa_minus_one - v * std::exp(-log_inv_pa));
+      loss = (inv_pa + static_cast<float>(shifted_sum) - v * log_inv_pa) / v;
+    } else {
+      // gkl: loss mean(z) - z_a + 1/(V p_a); grad 1/V + p / (V p_a) - e_a (1 + 1/(V p_a)),
+      // at a: (1 - V + (p_a - 1) / p_a) / V.
+      slope = scale * inv_pa;
+      grad_a = scale * (1.f - v + inv_pa * pa_minus_one);
+      loss = (inv_pa + static_cast<float>(shifted_sum)) / v;
+    }
+  }
+  for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t k = begin; k < end; ++k) {
+      const float p = fast_exp((Format::load(logits[k]) - z_max) - z_log_sum);
+      grad[k] = Format::store(offset + slope * p);
+    }
+  });
+  grad[row.a] = Format::store(grad_a);
+  zero_mask_column<Format>(grad, shape);
+  return loss;
+}
+
+// SPEC 4.2, dense teacher, distrib objective; q = softmax(u / tau), r = log(q / p).
+// Pass 1: LSE of z and of u/tau and, for is/gkl, the online LSE of u/tau - z, which gives
+// sum_y q_y / p_y = exp(LSE(u/tau - z) - (LSE_u - LSE_z)) when no r_y reaches the clamp
+// (otherwise one extra pass sums the clamped exp(r_y)). Pass 2: gradient, KL and IS sums.
+template <class Format, Divergence kDivergence>
+float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch&) {
+  const auto* const logits = row.logits;
+  const auto* const teacher = row.teacher;
+  auto* const grad = row.grad;
+  constexpr bool kHasKL = kDivergence != Divergence::kIS;
+  constexpr bool kHasIS = kDivergence != Divergence::kKL;
+  const float tau = shape.temperature, inv_tau = 1.f / tau;
+  const float limit = shape.max_log_ratio;
+  OnlineLogSumExp student_stats, teacher_stats, ratio_stats;
+  for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+    float max_z = -kInf, max_u = -kInf, max_x = -kInf;
+#pragma omp simd reduction(max : max_z, max_u, max_x)
+    for (int64_t k = begin; k < end; ++k) {
+      const float z = Format::load(logits[k]);
+      const float u = divide(Format::load(teacher[k]), tau, inv_tau);
+      max_z = z > max_z ? z : max_z;
+      max_u = u > max_u ? u : max_u;
+      max_x = u - z > max_x ? u - z : max_x;
+    }
+    const float shift_z = student_stats.raise(max_z);
+    const float shift_u = teacher_stats.raise(max_u);
+    const float shift_x = ratio_stats.raise(max_x);
+    float sum_z = 0.f, sum_u = 0.f, sum_x = 0.f;
+#pragma omp simd reduction(+ : sum_z, sum_u, sum_x)
+    for (int64_t k = begin; k < end; ++k) {
+      const float z = Format::load(logits[k]);
+      const float u = divide(Format::load(teacher[k]), tau, inv_tau);
+      sum_z += fast_exp(z - shift_z);
+      sum_u += fast_exp(u - shift_u);
+      if constexpr (kHasIS) sum_x += fast_exp((u - z) - shift_x);
+    }
+    student_stats.sum += sum_z;
+    teacher_stats.sum += sum_u;
+    ratio_stats.sum += sum_x;
+  });
+  const float z_max = student_stats.max, z_log_sum = student_stats.log_sum();
+  const float u_max = teacher_stats.max, u_log_sum = teacher_stats.log_sum();
+  const float lse_gap = (u_max - z_max) + (u_log_sum - z_log_sum);  // r = (u/tau - z) - gap
+  const float v = shape.participating;
+  // ratio_excess = S - V = sum_y (exp(r_y) - 1), clamped exponents (the IS gradient's p*S - V p)
+  float ratio_excess = 0.f;
+  if constexpr (kHasIS) {
+    if (ratio_stats.max - lse_gap <= limit) {
+      ratio_excess = v * std::expm1((ratio_stats.max - lse_gap) + (ratio_stats.log_sum() - std::log(v)));
+    } else {
+      double excess = 0.0;
+      for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+        float block_excess = 0.f;
+#pragma omp simd reduction(+ : block_excess)
+        for (int64_t k = begin; k < end; ++k) {
+          const float z = Format::load(logits[k]);
+          const float u = divide(Format::load(teacher[k]), tau, inv_tau);
+          block_excess += clamped_exp((u - z) - lse_gap, limit) - 1.f;
+        }
+        excess += block_excess;
+      });
+      ratio_excess = static_cast<float>(excess);
+    }
+  }
+  const float w = row.weight;
+  const float inv_v = 1.f / v;
+  double kl_sum = 0.0, is_sum = 0.0;
+  for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+    float block_kl = 0.f, block_is = 0.f;
+#pragma omp simd reduction(+ : block_kl, block_is)
+    for (int64_t k = begin; k < end; ++k) {
+      const float z = Format::load(logits[k]);
+      const float u = divide(Format::load(teacher[k]), tau, inv_tau);
+      const float p = fast_exp((z - z_max) - z_log_sum);
+      const float r = (u - z) - lse_gap;
+      float grad = 0.f;
+      if constexpr (kHasKL) {
+        // kl: loss sum_y q_y r_y; grad p - q
+        const float q = fast_exp((u - u_max) - u_log_sum);
+        grad += p - q;
+        block_kl += q * r;
+      }
+      if constexpr (kHasIS) {
+        // is: loss (1/V) sum_y [q_y/p_y - r_y - 1]; grad (1/V)(1 - q/p + p (S - V))
+        const float ratio_k = clamped_exp(r, limit);
+        grad += inv_v * ((1.f - ratio_k) + p * ratio_excess);
+        block_is += (ratio_k - r) - 1.f;
+      }
+      grad[k] = Format::store(w * grad);
+    }
+    kl_sum += block_kl;
+    is_sum += block_is;
+  });
+  zero_mask_column<Format>(grad, shape);
+  return static_cast<float>(kl_sum + is_sum / v);
+}
+
+// SPEC 4.3, dense teacher, score objective, gkl: (1/V) GKL(q/q_a, p/p_a). With clamped
+// 1/q_a = exp(LSE_u - u_a/tau) and 1/p_a = exp(LSE_z - z_a):
+// loss (1/V)[(KL(q||p) - log q_a + log p_a)/q_a - 1/q_a + 1/p_a]; grad (1/V)[p/p_a - q/q_a]
+// off a and (1/V)[(1 - q_a)/q_a - (1 - p_a)/p_a] at a. Pass 1: both LSEs; pass 2: grad, KL.
+template <class Format>
+float dense_score_gkl_row(const Row<Format>& row, const Shape& shape, Scratch&) {
+  const auto* const logits = row.logits;
+  const auto* const teacher = row.teacher;
+  auto* const grad = row.grad;
+  const float tau = shape.temperature, inv_tau = 1.f / tau;
+  const float z_a = Format::load(logits[row.a]);
+  const float u_a = divide(Format::load(teacher[row.a]), tau, inv_tau);
+  OnlineLogSumExp student_stats, teacher_stats;
+  for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+    float max_z = -kInf, max_u = -kInf;
+#pragma omp simd reduction(max : max_z, max_u)
+    for (int64_t k = begin; k < end; ++k) {
+      const float z = Format::load(logits[k]);
+      const float u = divide(Format::load(teacher[k]), tau, inv_tau);
+      max_z = z > max_z ? z : max_z;
+      max_u = u > max_u ? u : max_u;
+    }
+    const float shift_z = student_stats.raise(max_z);
+    const float shift_u = teacher_stats.raise(max_u);
+    float sum_z = 0.f, sum_u = 0.f;
+#pragma omp simd reduction(+ : sum_z, sum_u)
+    for (int64_t k = begin; k < end; ++k) {
+      sum_z += fast_exp(Format::load(logits[k]) - shift_z);
+      sum_u += fast_exp(divide(Format::load(teacher[k]), tau, inv_tau) - shift_u);
+    }
+    student_stats.sum += sum_z;
+    teacher_stats.sum += sum_u;
+  });
+  const float z_max = student_stats.max, z_log_sum = student_stats.log_sum();
+  const float u_max = teacher_stats.max, u_log_sum = teacher_stats.log_sum();
+  const float lse_gap = (u_max - z_max) + (u_log_sum - z_log_sum);
+  const float log_inv_pa = (z_max - z_a) + z_log_sum;
+  const float log_inv_qa = (u_max - u_a) + u_log_sum;
+  const float inv_pa = clamped_exp(log_inv_pa, shape.max_log_ratio);
+  const float inv_qa = clamped_exp(log_inv_qa, shape.max_log_ratio);
+  const float v = shape.participating;
+  const float scale = row.weight / v;
+  double kl_sum = 0.0;
+  for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+    float block_kl = 0.f;
+#pragma omp simd reduction(+ : block_kl)
+    for (int64_t k = begin; k < end; ++k) {
+      const float z = Format::load(logits[k]);
+      const float u = divide(Format::load(teacher[k]), tau, inv_tau);
+      const float p = fast_exp((z - z_max) - z_log_sum);
+      const float q = fast_exp((u - u_max) - u_log_sum);
+      block_kl += q * ((u - z) - lse_gap);
+      grad[k] = Format::store(scale * (p * inv_pa - q * inv_qa));
+    }
+    kl_sum += block_kl;
+  });
+  const float one_minus_qa = -std::expm1(-log_inv_qa);
+  const float one_minus_pa = -std::expm1(-log_inv_pa);
+  grad[row.a] = Format::store(scale * (one_minus_qa * inv_qa - one_minus_pa * inv_pa));
+  zero_mask_column<Format>(grad, shape);
+  const float kl = static_cast<float>(kl_sum);
+  return ((kl + log_inv_qa - log_inv_pa) * inv_qa - inv_qa + inv_pa) / v;
+}
+
+// SPEC 4.3, dense teacher, score objective, is: (1/V) IS(q/q_a, p/p_a) with
+// r_y = (u_y - u_a)/tau - (z_y - z_a): loss (1/V) sum_y [exp(r_y) - r_y - 1];
+// grad_k = (1/V)[1 - exp(r_k) + [k = a] sum_y (exp(r_y) - 1)]. No row statistic is needed
+// off a, so one pass writes the gradient and column a is overwritten after it.
+template <class Format>
+float dense_score_is_row(const Row<Format>& row, const Shape& shape, Scratch&) {
+  const auto* const logits = row.logits;
+  const auto* const teacher = row.teacher;
+  auto* const grad = row.grad;
+  const float tau = shape.temperature, inv_tau = 1.f / tau;
+  const float limit = shape.max_log_ratio;
+  const float z_a = Format::load(logits[row.a]);
+  const float u_a = divide(Format::load(teacher[row.a]), tau, inv_tau);
+  const float v = shape.participating;
+  const float scale = row.weight / v;
+  double loss_sum = 0.0, excess_sum = 0.0;
+  for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+    float block_loss = 0.f, block_excess = 0.f;
+#pragma omp simd reduction(+ : block_loss, block_excess)
+    for (int64_t k = begin; k < end; ++k) {
+      const float r = (divide(Format::load(teacher[k]), tau, inv_tau) - u_a) - (Format::load(logits[k]) - z_a);
+      const float ratio = clamped_exp(r, limit);
+      block_loss += (ratio - r) - 1.f;
+      block_excess += ratio - 1.f;
+      grad[k] = Format::store(scale * (1.f - ratio));
+    }
+    loss_sum += block_loss;
+    excess_sum += block_excess;
+  });
+  grad[row.a] = Format::store(scale * static_cast<float>(excess_sum));
+  zero_mask_column<Format>(grad, shape);
+  return static_cast<float>(loss_sum) / v;
+}
+
+// SPEC 4.4, sparse (top-K) teacher, score objective. B_y = exp(z_y - z_a), A_y = exp(rho_y),
+// both clamped; entries equal to a or to the mask column are skipped, duplicates each count.
+// Every counted entry y contributes coef_y with grad_y -= coef_y / V and grad_a += coef_y / V:
+//   is:          loss (1/V) sum_S [A/B - log(A/B) - 1],           coef = A/B - 1
+//   gkl, ignore: loss (1/V) sum_S [A (rho - log B) - A + B],      coef = A - B
+//   gkl, zero:   loss (1/V)[sum_S (A (rho - log B) - A) + 1/p_a - 1], coef = A, plus the dense
+//                term of sum_{y != a} B_y = 1/p_a - 1: grad (1/V) p / p_a, at a -(1/V)(1 - p_a)/p_a.
+// Coefficients are summed per column in float32 (column_coef) so that B_k - A_k and duplicate
+// entries are formed before rounding; tails other than zero never pass over the columns except
+// to zero the gradient row.
+template <class Format, Divergence kDivergence, Tail kTail>
+float sparse_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
+  const auto* const logits = row.logits;
+  auto* const grad = row.grad;
+  constexpr bool kDenseTail = kDivergence == Divergence::kGKL && kTail == Tail::kZero;
+  const float limit = shape.max_log_ratio;
+  const float z_a = Format::load(logits[row.a]);
+  OnlineLogSumExp student_stats;
+  if constexpr (kDenseTail) {
+    for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+      float block_max = -kInf;
+#pragma omp simd reduction(max : block_max)
+      for (int64_t k = begin; k < end; ++k) {
+        const float z = Format::load(logits[k]);
+        block_max = z > block_max ? z : block_max;
+      }
+      const float shift = student_stats.raise(block_max);
+      float block_sum = 0.f;
+#pragma omp simd reduction(+ : block_sum)
+      for (int64_t k = begin; k < end; ++k) block_sum += fast_exp(Format::load(logits[k]) - shift);
+      student_stats.sum += block_sum;
+    });
+  }
+  const float z_max = student_stats.max;
+  const float z_log_sum = kDenseTail ? student_stats.log_sum() : 0.f;
+  float* column_coef = scratch.column_coef.data();
+  float* entry_logit = scratch.entry_logit.data();
+  double loss_sum = 0.0;
+  float coef_sum = 0.f;
+  for (int64_t j = 0; j < shape.topk; ++j) {
+    const int64_t y = row.topk_index[j];
+    if (y == row.a || y == shape.mask_id) continue;
+    const float z_y = Format::load(logits[y]);
+    entry_logit[j] = z_y;
+    const float rho = row.topk_log_ratio[j];
+    const float log_b = z_y - z_a;
+    float coef;
+    if constexpr (kDivergence == Divergence::kIS) {
+      const float r = rho - log_b;  // log(A/B)
+      const float ratio = clamped_exp(r, limit);
+      loss_sum += (ratio - r) - 1.f;
+      coef = ratio - 1.f;
+    } else {
+      const float big_a = clamped_exp(rho, limit);
+      loss_sum += big_a * (rho - log_b) - big_a;
+      coef = big_a;
+      if constexpr (kTail == Tail::kIgnore) {
+        const float big_b = clamped_exp(log_b, limit);
+        loss_sum += big_b;
+        coef = big_a - big_b;
+      }
+    }
+    column_coef[y] += coef;
+    coef_sum += coef;
+  }
+  const float v = shape.participating;
+  const float scale = row.weight / v;
+  float grad_a = scale * coef_sum;
+  float inv_pa = 0.f;
+  if constexpr (kDenseTail) {
+    const float log_inv_pa = (z_max - z_a) + z_log_sum;
+    inv_pa = clamped_exp(log_inv_pa, limit);
+    loss_sum += inv_pa - 1.f;
+    const float dense_slope = scale * inv_pa;
+    for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+#pragma omp simd
+      for (int64_t k = begin; k < end; ++k) {
+        const float p = fast_exp((Format::load(logits[k]) - z_max) - z_log_sum);
+        grad[k] = Format::store(dense_slope * p);
+      }
+    });
+    grad_a = scale * (coef_sum + inv_pa * std::expm1(-log_inv_pa));
+    zero_mask_column<Format>(grad, shape);
+  } else {
+    std::memset(grad, 0, sizeof(*grad) * static_cast<size_t>(shape.cols));
+  }
+  for (int64_t j = 0; j < shape.topk; ++j) {
+    const int64_t y = row.topk_index[j];
+    if (y == row.a || y == shape.mask_id) continue;
+    float dense_part = 0.f;
+    if constexpr (kDenseTail) dense_part = inv_pa * fast_exp((entry_logit[j] - z_max) - z_log_sum);
+    grad[y] = Format::store(scale * (dense_part - column_coef[y]));
+  }
+  for (int64_t j = 0; j < shape.topk; ++j) column_coef[row.topk_index[j]] = 0.f;
+  grad[row.a] = Format::store(grad_a);
+  return static_cast<float>(loss_sum) / v;
+}
+
+template <class Format>
+using RowKernel = float (*)(const Row<Format>&, const Shape&, Scratch&);
+
+template <class Format>
+RowKernel<Format> select_kernel(const LossProblem& problem) {
+  const Divergence d = problem.divergence;
+  if (problem.topk_indices != nullptr) {
+    if (d == Divergence::kIS) return &sparse_row<Format, Divergence::kIS, Tail::kIgnore>;
+    if (problem.tail == Tail::kZero) return &sparse_row<Format, Divergence::kGKL, Tail::kZero>;
+    return &sparse_row<Format, Divergence::kGKL, Tail::kIgnore>;
+  }
+  if (problem.teacher_logits != nullptr) {
+    if (problem.objective == Objective::kScore) {
+      return d == Divergence::kIS ? &dense_score_is_row<Format> : &dense_score_gkl_row<Format>;
+    }
+    if (d == Divergence::kKL) return &dense_distrib_row<Format, Divergence::kKL>;
+    if (d == Divergence::kIS) return &dense_distrib_row<Format, Divergence::kIS>;
+    return &dense_distrib_row<Format, Divergence::kGKL>;
+  }
+  if (d == Divergence::kKL) return &data_row<Format, Divergence::kKL>;
+  if (d == Divergence::kIS) return &data_row<Format, Divergence::kIS>;
+  return &data_row<Format, Divergence::kGKL>;
+}
+
+// A loss-carrying row reads only ids in [0, cols): the target (never the mask column) and,
+// for a sparse teacher, every top-K id.
+bool row_ids_valid(const LossProblem& problem, int64_t n, int64_t a) {
+  if (a < 0 || a >= problem.cols || a == problem.mask_id) return false;
+  const int64_t* ids = problem.topk_indices == nullptr ? nullptr : problem.topk_indices + n * problem.topk;
+  for (int64_t j = 0; ids != nullptr && j < problem.topk; ++j) {
+    if (ids[j] < 0 || ids[j] >= problem.cols) return false;
+  }
+  return true;
+}
+
+template <class Format>
+void run(const LossProblem& problem) {
+  using Storage = typename Format::Storage;
+  const RowKernel<Format> kernel = select_kernel<Format>(problem);
+  const Shape shape{problem.cols,
+                    problem.mask_id,
+                    problem.topk_indices == nullptr ? 0 : problem.topk,
+                    participating_columns(problem.cols, problem.mask_id),
+                    static_cast<float>(problem.mask_id >= 0 ? problem.cols - 1 : problem.cols),
+                    problem.temperature,
+                    problem.max_log_ratio};
+  const auto* logits = static_cast<const Storage*>(problem.logits);
+  const auto* teacher = static_cast<const Storage*>(problem.teacher_logits);
+  auto* grad = static_cast<Storage*>(problem.grad);
+  const bool sparse = problem.topk_indices != nullptr;
+#pragma omp parallel
+  {
+    Scratch scratch;
+    if (sparse) {
+      scratch.column_coef.assign(static_cast<size_t>(shape.cols), 0.f);
+      scratch.entry_logit.resize(static_cast<size_t>(shape.topk));
+    }
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < problem.rows; ++n) {
+      Storage* g = grad + n * problem.grad_row_stride;
+      const int64_t a = problem.target[n];
+      const float weight = problem.weight == nullptr ? 1.f : problem.weight[n];
+      const bool carries_loss = a != problem.ignore_index && weight != 0.f;
+      if (!carries_loss || !row_ids_valid(problem, n, a)) {
+        std::memset(g, 0, sizeof(Storage) * static_cast<size_t>(shape.cols));
+        problem.loss[n] = carries_loss ? kNaN : 0.f;
+        continue;
+      }
+      const Row<Format> row{logits + n * problem.logits_row_stride,
+                            teacher == nullptr ? nullptr : teacher + n * problem.teacher_row_stride,
+                            sparse ? problem.topk_indices + n * shape.topk : nullptr,
+                            sparse ? problem.topk_log_ratios + n * shape.topk : nullptr,
+                            g,
+                            a,
+                            weight};
+      problem.loss[n] = weight * kernel(row, shape, scratch);
+    }
+  }
+}
+
+}  // namespace
+
+void tcsm_loss(const LossProblem& problem) {
+  switch (problem.storage) {
+    case StorageType::kFloat32:
+      return run<Float32>(problem);
+    case StorageType::kBFloat16:
+      return run<BFloat16>(problem);
+    case StorageType::kFloat16:
+      return run<Float16>(problem);
+  }
+}
+
+}  // namespace tcsm

@@ -1,0 +1,47 @@
+// Fused TCSM loss and gradient over the rows of a logits matrix (SPEC 4-5), plain C++ over raw
+// pointers. Per row i: loss[i] = weight_i * row_loss_i and grad[i, :] = weight_i *
+// d row_loss_i / d logits[i, :], both 0 for ignored rows and weight-0 rows.
+#pragma once
+#include <cstdint>
+
+namespace tcsm {
+
+enum class StorageType { kFloat32, kBFloat16, kFloat16 };
+enum class Divergence { kKL, kIS, kGKL };
+enum class Objective { kDistrib, kScore };
+enum class Tail { kZero, kIgnore };
+
+struct LossProblem {
+  StorageType storage;  // of logits, teacher_logits and grad; all arithmetic is float32
+  int64_t rows;
+  int64_t cols;
+  const void* logits;  // (rows, cols), unit column stride
+  int64_t logits_row_stride;
+  const int64_t* target;  // (rows,)
+  const float* weight;    // (rows,) or null (all 1)
+  // At most one teacher. Dense: (rows, cols) logits, unit column stride, or null.
+  const void* teacher_logits;
+  int64_t teacher_row_stride;
+  // Sparse: (rows, topk) contiguous column ids and log-ratios log(q_y / q_a), or null.
+  const int64_t* topk_indices;
+  const float* topk_log_ratios;
+  int64_t topk;
+  void* grad;  // (rows, cols) output, unit column stride; may be the logits themselves
+  int64_t grad_row_stride;
+  float* loss;  // (rows,) output
+  Divergence divergence;
+  Objective objective;  // dense teacher only (data and sparse targets have one objective)
+  Tail tail;            // sparse teacher only
+  int64_t mask_id;      // excluded column, or -1
+  float temperature;    // divides the dense teacher logits
+  int64_t ignore_index;
+  float max_log_ratio;  // clamp of the exponents that can overflow (SPEC 4.5)
+};
+
+// Rows whose (non-ignored) target is outside [0, cols) or equal to mask_id, or whose top-K ids
+// leave [0, cols), get a NaN loss and a zero gradient; nothing out of bounds is read.
+// kl is not defined for the dense score objective nor for a sparse teacher: the caller rejects
+// those combinations.
+void tcsm_loss(const LossProblem& problem);
+
+}  // namespace tcsm

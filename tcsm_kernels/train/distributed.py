@@ -1,0 +1,71 @@
+"""Data parallelism with torch.distributed, set up from torchrun's environment variables.
+
+``torchrun --nproc_per_node=N -m tcsm_kernels train ...`` starts N processes; each reads its
+share of every global batch and DDP averages the gradients (gloo on CPU, nccl on GPU). Without
+torchrun (WORLD_SIZE unset) everything here is a no-op on one process.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def setup(device: torch.device) -> World:
+    """Join the process group torchrun describes (if any); on GPU each rank takes its local
+    device."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(0, 1, device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(dist.get_rank(), size, device)
+
+
+def teardown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def mean(world: World, tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of ``tensor`` over ranks."""
+    if world.distributed:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        tensor /= world.size
+    return tensor
+
+
+def share_error(world: World, message: Optional[str]) -> Optional[str]:
+    """Rank 0's error message (or None), sent to every rank, so that all of them stop together."""
+    if not world.distributed:
+        return message
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()

@@ -1,0 +1,171 @@
+"""A run directory: its configuration, corpus and model.
+
+Layout: ``config.json`` (the ``TrainConfig``), ``tokens.bin`` + ``vocab.json`` (the corpus),
+``metrics.jsonl`` (one record per line) and ``checkpoints/last.pt`` + ``previous.pt``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..processes import MaskedProcess, UniformProcess
+from ..schedules import SCHEDULES, get_schedule
+from . import checkpoint
+from .data import VOCABULARIES, TokenCorpus
+from .model import Denoiser, DenoiserConfig
+
+PROCESSES = ("masked", "uniform")
+DIVERGENCES = ("kl", "is", "gkl")
+TIME_WEIGHTS = ("elbo", "none")
+DTYPES = ("auto", "float32", "bfloat16")
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class ConfigError(ValueError):
+    """An option value that cannot work; raised before anything is written."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as config.json; fixed for its lifetime)."""
+
+    data: Optional[str] = None  # None: the embedded corpus (pydoc topics)
+    vocab: str = "text8"
+    val_fraction: float = 0.1
+    process: str = "masked"
+    schedule: str = "linear"
+    divergence: str = "kl"
+    time_weight: str = "elbo"  # elbo: w(t) per position / all positions; none: mean over loss positions
+    seq_len: int = 32
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    time_conditioning: Optional[bool] = None  # None: on for the uniform process only
+    batch_size: int = 128  # global, over all ranks and accumulation steps
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 3e-3
+    warmup: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    dtype: str = "auto"
+    eval_every: int = 0
+    eval_sequences: int = 256
+    eval_times: int = 4
+    ckpt_every: int = 500
+
+    def validate(self, world_size: int = 1, new_run: bool = True) -> None:
+        """ConfigError naming the first bad option (a new run also needs its data file)."""
+        choices = {"vocab": VOCABULARIES, "process": PROCESSES, "schedule": tuple(SCHEDULES),
+                   "divergence": DIVERGENCES, "time_weight": TIME_WEIGHTS, "dtype": DTYPES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name.replace('_', '-')} must be one of "
+                                  f"{', '.join(allowed)}; got {getattr(self, name)!r}")
+        for name in ("seq_len", "d_model", "n_layers", "n_heads", "batch_size", "grad_accum",
+                     "steps", "eval_sequences", "eval_times"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0; got "
+                                  f"{getattr(self, name)}")
+        for name in ("warmup", "eval_every", "ckpt_every", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0; got "
+                                  f"{getattr(self, name)}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must lie in (0, 1); got {self.val_fraction}")
+        if not (self.lr > 0 and self.grad_clip >= 0 and self.weight_decay >= 0
+                and 0 <= self.min_lr_ratio <= 1):
+            raise ConfigError("need --lr > 0, --grad-clip >= 0, --weight-decay >= 0 and "
+                              "--min-lr-ratio in [0, 1]")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"--d-model {self.d_model} must be divisible by --n-heads "
+                              f"{self.n_heads}")
+        if new_run and self.data is not None and not Path(self.data).is_file():
+            raise ConfigError(f"--data {self.data!r}: no such file")
+        if self.batch_size % (world_size * self.grad_accum):
+            raise ConfigError(f"--batch-size {self.batch_size} must be divisible by "
+                              f"world size x --grad-accum = {world_size * self.grad_accum}")
+
+    @property
+    def masked(self) -> bool:
+        return self.process == "masked"
+
+    def uses_time(self) -> bool:
+        return self.process == "uniform" if self.time_conditioning is None else self.time_conditioning
+
+
+def save_config(run_dir: Path, config: TrainConfig) -> None:
+    (Path(run_dir) / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=1))
+
+
+def read_config(run_dir: Path) -> TrainConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} holds no training run (no {CONFIG_FILE})")
+    return TrainConfig(**json.loads(path.read_text()))
+
+
+def mask_token(config: TrainConfig, corpus: TokenCorpus) -> Optional[int]:
+    """The mask token's id (one past the data symbols) for the masked process, else None."""
+    return corpus.vocab.size if config.masked else None
+
+
+def make_process(config: TrainConfig, corpus: TokenCorpus):
+    schedule = get_schedule(config.schedule)
+    if config.masked:
+        return MaskedProcess(schedule, corpus.vocab.size + 1, corpus.vocab.size)
+    return UniformProcess(schedule, corpus.vocab.size)
+
+
+def build_model(config: TrainConfig, corpus: TokenCorpus) -> Denoiser:
+    vocab_size = corpus.vocab.size + (1 if config.masked else 0)
+    return Denoiser(DenoiserConfig(vocab_size, config.seq_len, config.d_model, config.n_layers,
+                                   config.n_heads, time_conditioning=config.uses_time()))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available")
+    return device
+
+
+def autocast_dtype(config: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    """bfloat16 autocast on GPU by default; float32 (no autocast) on CPU unless asked."""
+    if config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+@dataclass
+class TrainedRun:
+    config: TrainConfig
+    corpus: TokenCorpus
+    model: Denoiser
+    step: int
+    device: torch.device
+
+
+def load_trained(run_dir: Path, checkpoint_path: Optional[str] = None,
+                 device: str = "auto") -> TrainedRun:
+    """The model of a run from its last checkpoint (or ``checkpoint_path``), in eval mode."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    corpus = TokenCorpus(run_dir, config.val_fraction)
+    target = resolve_device(device)
+    path = Path(checkpoint_path) if checkpoint_path else run_dir / CHECKPOINT_DIR / checkpoint.LAST
+    state = checkpoint.load(path)
+    model = build_model(config, corpus)
+    model.load_state_dict(state["model"])
+    return TrainedRun(config, corpus, model.to(target).eval(), state["step"], target)

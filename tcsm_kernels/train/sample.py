@@ -1,0 +1,50 @@
+"""Text generation from a trained run with the library's samplers."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from ..schedules import get_schedule
+from .run import TrainedRun, mask_token
+
+MASKED_METHODS = ("exact", "euler", "confidence")
+METHODS = MASKED_METHODS + ("uniform",)
+
+
+def generate(trained: TrainedRun, *, method: Optional[str] = None, steps: int = 32,
+             num: int = 4, temperature: float = 1.0, seed: int = 0,
+             prompt: str = "") -> List[str]:
+    """``num`` sequences of the run's length. Masked runs start all-mask (the prompt, if any,
+    fixed at the start); uniform runs start from uniform noise. ``method``: exact, euler or
+    confidence (masked runs; default exact) or uniform (uniform runs)."""
+    config, vocab = trained.config, trained.corpus.vocab
+    method = method or ("exact" if config.masked else "uniform")
+    if (method == "uniform") == config.masked:
+        raise ValueError(f"method {method!r} does not fit a {config.process} run; use "
+                         f"{'one of ' + ', '.join(MASKED_METHODS) if config.masked else 'uniform'}")
+    if steps <= 0 or num <= 0:
+        raise ValueError("steps and num must be > 0")
+    schedule = get_schedule(config.schedule)
+    device, length = trained.device, config.seq_len
+    with torch.no_grad():
+        if config.masked:
+            from ..sampling import sample_masked
+            mask = mask_token(config, trained.corpus)
+            ids = torch.as_tensor(vocab.encode(prompt))[:length]
+            x = torch.full((num, length), mask, dtype=torch.int64)
+            x[:, :len(ids)] = ids
+            frozen = torch.zeros(num, length, dtype=torch.bool)
+            frozen[:, :len(ids)] = True
+            out = sample_masked(trained.model, x.to(device), steps=steps, mask_id=mask,
+                                schedule=schedule, method=method, frozen=frozen.to(device),
+                                temperature=temperature, seed=seed)
+        else:
+            from ..sampling import sample_uniform
+            if prompt:
+                raise ValueError("--prompt needs a masked run")
+            generator = torch.Generator().manual_seed(seed)
+            x = torch.randint(0, vocab.size, (num, length), generator=generator)
+            out = sample_uniform(trained.model, x.to(device), steps=steps, schedule=schedule,
+                                 temperature=temperature, seed=seed)
+    return [vocab.decode(row.tolist()) for row in out.cpu()]

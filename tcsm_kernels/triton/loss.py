@@ -1,0 +1,518 @@
+"""Triton kernels of the TCSM loss (SPEC 4-5): per row, the weighted loss and its gradient.
+
+One program per row streams the row in blocks of BLOCK_V columns. Pass 1 builds the row
+log-sum-exps with an online max / sum-exp (the student's and, for a dense teacher, the
+teacher's); pass 2 writes ``weight * d row_loss / d logits`` and accumulates the sums that need
+the final LSEs (the KL term, sum log p, ...). Each target kind (data, dense teacher, sparse
+top-K teacher) is one kernel and the divergence, objective, tail and weight are constexpr
+flags, so every combination compiles to its own specialised kernel.
+
+All math runs in float32 whatever the logits dtype. ``grad`` may be the logits tensor itself
+(in-place backward): a column is always read before it is written, and the columns that are
+read out of order (the target column a, the top-K columns) are gathered before a barrier that
+precedes the first store of the row.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_KL = tl.constexpr(0)
+_IS = tl.constexpr(1)
+_GKL = tl.constexpr(2)
+_DIVERGENCE_CODES = {"kl": 0, "is": 1, "gkl": 2}
+
+# Largest column block on a GPU; under the interpreter smaller blocks keep the tests fast and
+# still split V = 1000 into several blocks, so the online LSE and the block tails are exercised.
+_GPU_BLOCK_V = 4096
+_INTERPRETER_BLOCK_V = 256
+# K x K matching of duplicate top-K columns runs in (BLOCK_K, CHUNK_K) tiles of at most this
+# many elements, so a large K does not blow up the register file.
+_MATCH_TILE = 4096
+
+
+@triton.jit
+def _clamped_exp(x, max_log_ratio):
+    # SPEC 4.5: exp(min(x, M)); its derivative is taken to be the same clamped value, exactly
+    # what autograd gives for the reference's _clamped_exp.
+    return tl.exp(tl.minimum(x, max_log_ratio))
+
+
+@triton.jit
+def _online_lse_step(running_max, running_sum, x):
+    """Fold one block x (excluded columns = -inf) into (max, sum exp(x - max))."""
+    new_max = tl.maximum(running_max, tl.max(x, axis=0))
+    rescaled = running_sum * tl.exp(running_max - new_max)
+    return new_max, rescaled + tl.sum(tl.exp(x - new_max), axis=0)
+
+
+@triton.jit
+def _row_setup(target_ptr, stride_target, weight_ptr, stride_weight, row, n_cols, mask_id,
+               ignore_index, HAS_WEIGHT: tl.constexpr):
+    """Target, weight, whether the row carries loss, and whether its target is a valid column.
+
+    Row-level conditions are folded into loop bounds and masks as `cols < where(ok, n, 0)`.
+    """
+    target = tl.load(target_ptr + row * stride_target).to(tl.int64)
+    live = target != ignore_index
+    weight = tl.full([], 1.0, tl.float32)
+    if HAS_WEIGHT:
+        weight = tl.load(weight_ptr + row * stride_weight).to(tl.float32)
+        live = live & (weight != 0.0)
+    target_ok = (target >= 0) & (target < n_cols) & (target != mask_id)
+    return target, weight, live, target_ok
+
+
+@triton.jit
+def _row_lse(logits_row, n_read, n_cols, mask_id, BLOCK_V: tl.constexpr):
+    """log sum_y exp(z_y) over the participating columns (pass 1); n_read = 0 skips the row."""
+    running_max = tl.full([], float("-inf"), tl.float32)
+    running_sum = tl.full([], 0.0, tl.float32)
+    for start in range(0, n_read, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        participating = (cols < n_cols) & (cols != mask_id)
+        z = tl.load(logits_row + cols, mask=participating, other=float("-inf")).to(tl.float32)
+        running_max, running_sum = _online_lse_step(running_max, running_sum, z)
+    return running_max + tl.log(running_sum)
+
+
+@triton.jit
+def _store_row_loss(loss_ptr, row, row_loss, weight, live, row_ok):
+    # SPEC 5: weight * row loss; 0 on ignored / weight-0 rows; NaN on a live row with a bad id.
+    out = tl.where(row_ok, weight * row_loss, tl.where(live, float("nan"), 0.0))
+    tl.store(loss_ptr + row, out)
+
+
+@triton.jit
+def _data_target_kernel(
+    logits_ptr, grad_ptr, target_ptr, weight_ptr, loss_ptr,
+    stride_logits, stride_grad, stride_target, stride_weight, n_cols, n_classes, mask_id,
+    ignore_index, max_log_ratio,
+    DIVERGENCE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Data target (SPEC 4.1): only the clean token a is known; kl, is or gkl."""
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * stride_logits
+    grad_row = grad_ptr + row * stride_grad
+    target, weight, live, target_ok = _row_setup(target_ptr, stride_target, weight_ptr,
+                                                 stride_weight, row, n_cols, mask_id,
+                                                 ignore_index, HAS_WEIGHT)
+    row_ok = live & target_ok
+    n_live_cols = tl.where(row_ok, n_cols, 0)
+    z_a = tl.load(logits_row + target, mask=row_ok, other=0.0).to(tl.float32)
+    lse = _row_lse(logits_row, n_live_cols, n_cols, mask_id, BLOCK_V)
+    # 1/p_a = exp(LSE - z_a), clamped (SPEC 4.5); p_k/p_a = exp(log(1/p_a) + log p_k) then
+    # stays below exp(M) and equals exp(z_k - z_a) exactly when the clamp is inactive.
+    log_inv_pa = tl.minimum(lse - z_a, max_log_ratio)
+    inv_pa = tl.exp(log_inv_pa)
+    sum_logp = tl.zeros([BLOCK_V], tl.float32)
+    tl.debug_barrier()  # z_a is read by every thread before column a can be overwritten
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < n_cols
+        participating = (cols < n_live_cols) & (cols != mask_id)
+        logp = tl.load(logits_row + cols, mask=participating, other=0.0).to(tl.float32) - lse
+        p = tl.exp(logp)
+        at_a = cols == target
+        if DIVERGENCE == _KL:
+            # SPEC 4.1 kl (masked cross-entropy): d(LSE - z_a)/dz = p - e_a.
+            grad = p - tl.where(at_a, 1.0, 0.0)
+        else:
+            sum_logp += tl.where(participating, logp, 0.0)
+            ratio = tl.exp(log_inv_pa + logp)
+            if DIVERGENCE == _IS:
+                # SPEC 4.1 is: (exp(LSE - z_a)(p - e_a) + 1 - V p) / V.
+                grad = (ratio - tl.where(at_a, inv_pa, 0.0) + 1.0 - n_classes * p) / n_classes
+            else:
+                # SPEC 4.1 gkl = kl + is: 1/V + p/(V p_a) - e_a (1 + 1/(V p_a)).
+                grad = (1.0 + ratio - tl.where(at_a, n_classes + inv_pa, 0.0)) / n_classes
+        grad = tl.where(participating, weight * grad, 0.0)
+        tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+    # SPEC 4.1 losses: kl = LSE - z_a; is = (exp(LSE - z_a) + sum_y log p_y) / V, where
+    # sum_y log p_y = sum_y z_y - V LSE is summed term by term (no cancellation of large sums).
+    kl = lse - z_a
+    is_ = (inv_pa + tl.sum(sum_logp, axis=0)) / n_classes
+    if DIVERGENCE == _KL:
+        row_loss = kl
+    elif DIVERGENCE == _IS:
+        row_loss = is_
+    else:
+        row_loss = kl + is_
+    _store_row_loss(loss_ptr, row, row_loss, weight, live, row_ok)
+
+
+@triton.jit
+def _dense_target_kernel(
+    logits_ptr, teacher_ptr, grad_ptr, target_ptr, weight_ptr, loss_ptr,
+    stride_logits, stride_teacher, stride_grad, stride_target, stride_weight, n_cols,
+    n_classes, mask_id, ignore_index, temperature, max_log_ratio,
+    DIVERGENCE: tl.constexpr, SCORE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Dense teacher q = softmax(u / tau): objective distrib (kl, is, gkl) or score (gkl)."""
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * stride_logits
+    teacher_row = teacher_ptr + row * stride_teacher
+    grad_row = grad_ptr + row * stride_grad
+    target, weight, live, target_ok = _row_setup(target_ptr, stride_target, weight_ptr,
+                                                 stride_weight, row, n_cols, mask_id,
+                                                 ignore_index, HAS_WEIGHT)
+    row_ok = live & target_ok
+    n_live_cols = tl.where(row_ok, n_cols, 0)
+    z_a = tl.load(logits_row + target, mask=row_ok, other=0.0).to(tl.float32)
+    u_a = tl.load(teacher_row + target, mask=row_ok, other=0.0).to(tl.float32) / temperature
+
+    # Pass 1: LSE of z and of u / tau; for distrib is/gkl also the LSE of d = u / tau - z,
+    # which gives S = sum_y q_y / p_y = exp(LSE(d) + LSE_z - LSE_u) before pass 2 needs it.
+    z_max = tl.full([], float("-inf"), tl.float32)
+    z_sum = tl.full([], 0.0, tl.float32)
+    u_max = tl.full([], float("-inf"), tl.float32)
+    u_sum = tl.full([], 0.0, tl.float32)
+    d_max = tl.full([], float("-inf"), tl.float32)
+    d_sum = tl.full([], 0.0, tl.float32)
+    for start in range(0, n_live_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        participating = (cols < n_cols) & (cols != mask_id)
+        z = tl.load(logits_row + cols, mask=participating, other=float("-inf")).to(tl.float32)
+        u = tl.load(teacher_row + cols, mask=participating,
+                    other=float("-inf")).to(tl.float32) / temperature
+        z_max, z_sum = _online_lse_step(z_max, z_sum, z)
+        u_max, u_sum = _online_lse_step(u_max, u_sum, u)
+        if not SCORE:
+            if DIVERGENCE != _KL:
+                d = tl.where(participating, u - z, float("-inf"))
+                d_max, d_sum = _online_lse_step(d_max, d_sum, d)
+    lse_z = z_max + tl.log(z_sum)
+    lse_u = u_max + tl.log(u_sum)
+
+    if not SCORE:
+        if DIVERGENCE != _KL:
+            # SPEC 4.2 is needs the clamped S = sum_y exp(min(r_y, M)), r_y = log q_y - log p_y.
+            # The largest r_y is max(d) + LSE_z - LSE_u: only when it exceeds M does S need a
+            # pass of its own.
+            lse_shift = lse_z - lse_u
+            ratio_sum = tl.exp(d_max + tl.log(d_sum) + lse_shift)
+            clamp_active = (d_max + lse_shift > max_log_ratio) & row_ok
+            clamped_terms = tl.zeros([BLOCK_V], tl.float32)
+            for start in range(0, tl.where(clamp_active, n_cols, 0), BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                participating = (cols < n_cols) & (cols != mask_id)
+                logp = tl.load(logits_row + cols, mask=participating,
+                               other=0.0).to(tl.float32) - lse_z
+                logq = tl.load(teacher_row + cols, mask=participating,
+                               other=0.0).to(tl.float32) / temperature - lse_u
+                ratio = _clamped_exp(logq - logp, max_log_ratio)
+                clamped_terms += tl.where(participating, ratio, 0.0)
+            ratio_sum = tl.where(clamp_active, tl.sum(clamped_terms, axis=0), ratio_sum)
+
+    # Score objective (SPEC 4.3): clamped 1/p_a and 1/q_a.
+    log_inv_pa = tl.minimum(lse_z - z_a, max_log_ratio)
+    log_inv_qa = tl.minimum(lse_u - u_a, max_log_ratio)
+    inv_pa = tl.exp(log_inv_pa)
+    inv_qa = tl.exp(log_inv_qa)
+
+    kl_terms = tl.zeros([BLOCK_V], tl.float32)
+    is_terms = tl.zeros([BLOCK_V], tl.float32)
+    tl.debug_barrier()  # z_a is read by every thread before column a can be overwritten
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < n_cols
+        participating = (cols < n_live_cols) & (cols != mask_id)
+        logp = tl.load(logits_row + cols, mask=participating, other=0.0).to(tl.float32) - lse_z
+        logq = tl.load(teacher_row + cols, mask=participating,
+                       other=0.0).to(tl.float32) / temperature - lse_u
+        p = tl.exp(logp)
+        q = tl.exp(logq)
+        log_ratio = logq - logp
+        if DIVERGENCE != _IS:
+            kl_terms += tl.where(participating, q * log_ratio, 0.0)
+        if SCORE:
+            # SPEC 4.3 gkl: (1/V)[(e_a - q)/q_a - (e_a - p)/p_a], with q_k/q_a and p_k/p_a
+            # formed as exp(log(1/q_a) + log q_k) so that the clamp applies to both.
+            at_a = cols == target
+            grad = (tl.exp(log_inv_pa + logp) - tl.exp(log_inv_qa + logq)
+                    + tl.where(at_a, inv_qa - inv_pa, 0.0)) / n_classes
+        else:
+            # SPEC 4.2: kl gradient p - q; is gradient (1/V)(1 - q/p + p (S - V)).
+            if DIVERGENCE == _KL:
+                grad = p - q
+            else:
+                ratio = _clamped_exp(log_ratio, max_log_ratio)
+                is_terms += tl.where(participating, ratio - log_ratio - 1.0, 0.0)
+                grad = (1.0 - ratio + p * (ratio_sum - n_classes)) / n_classes
+                if DIVERGENCE == _GKL:
+                    grad += p - q
+        grad = tl.where(participating, weight * grad, 0.0)
+        tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+    kl = tl.sum(kl_terms, axis=0)
+    if SCORE:
+        # SPEC 4.3 gkl: (1/V)[(KL(q||p) - log q_a + log p_a)/q_a - 1/q_a + 1/p_a].
+        log_qa = u_a - lse_u
+        log_pa = z_a - lse_z
+        row_loss = ((kl - log_qa + log_pa) * inv_qa - inv_qa + inv_pa) / n_classes
+    else:
+        # SPEC 4.2: kl = sum q log(q/p); is = (1/V) sum [q/p - log(q/p) - 1]; gkl = kl + is.
+        is_ = tl.sum(is_terms, axis=0) / n_classes
+        if DIVERGENCE == _KL:
+            row_loss = kl
+        elif DIVERGENCE == _IS:
+            row_loss = is_
+        else:
+            row_loss = kl + is_
+    _store_row_loss(loss_ptr, row, row_loss, weight, live, row_ok)
+
+
+@triton.jit
+def _dense_score_is_kernel(
+    logits_ptr, teacher_ptr, grad_ptr, target_ptr, weight_ptr, loss_ptr,
+    stride_logits, stride_teacher, stride_grad, stride_target, stride_weight, n_cols,
+    n_classes, mask_id, ignore_index, temperature, max_log_ratio,
+    HAS_WEIGHT: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Dense teacher, score objective, is: one pass, no LSE (the ratios are LSE-free)."""
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * stride_logits
+    teacher_row = teacher_ptr + row * stride_teacher
+    grad_row = grad_ptr + row * stride_grad
+    target, weight, live, target_ok = _row_setup(target_ptr, stride_target, weight_ptr,
+                                                 stride_weight, row, n_cols, mask_id,
+                                                 ignore_index, HAS_WEIGHT)
+    row_ok = live & target_ok
+    n_live_cols = tl.where(row_ok, n_cols, 0)
+    z_a = tl.load(logits_row + target, mask=row_ok, other=0.0).to(tl.float32)
+    u_a = tl.load(teacher_row + target, mask=row_ok, other=0.0).to(tl.float32) / temperature
+    # Column a gets its gradient after the loop, once S is known; the loop skips it.
+    skipped_col = tl.where(row_ok, target, -1)
+
+    ratio_terms = tl.zeros([BLOCK_V], tl.float32)
+    is_terms = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < n_cols
+        participating = (cols < n_live_cols) & (cols != mask_id)
+        z = tl.load(logits_row + cols, mask=participating, other=0.0).to(tl.float32)
+        u = tl.load(teacher_row + cols, mask=participating, other=0.0).to(tl.float32) / temperature
+        # SPEC 4.3 is: (1/V) IS(q/q_a, p/p_a) = (1/V) sum_y [e^r_y - r_y - 1] with
+        # r_y = (u_y - u_a)/tau - (z_y - z_a); d/dz_k = (1/V)(1 - e^r_k) for k != a.
+        log_ratio = (u - u_a) - (z - z_a)
+        ratio = _clamped_exp(log_ratio, max_log_ratio)
+        ratio_terms += tl.where(participating, ratio, 0.0)
+        is_terms += tl.where(participating, ratio - log_ratio - 1.0, 0.0)
+        grad = tl.where(participating, weight * (1.0 - ratio) / n_classes, 0.0)
+        tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty),
+                 mask=in_row & (cols != skipped_col))
+
+    # Every r_y depends on z_a with slope +1: d/dz_a = (1/V)(sum_y e^r_y - V) (r_a = 0).
+    ratio_sum = tl.sum(ratio_terms, axis=0)
+    grad_a = weight * (ratio_sum - n_classes) / n_classes
+    tl.debug_barrier()  # z_a is read by every thread before column a is overwritten
+    tl.store(grad_row + target, grad_a.to(grad_ptr.dtype.element_ty), mask=row_ok)
+    row_loss = tl.sum(is_terms, axis=0) / n_classes
+    _store_row_loss(loss_ptr, row, row_loss, weight, live, row_ok)
+
+
+@triton.jit
+def _sparse_entries(logits_row, topk_idx_row, topk_ratio_row, stride_idx_col, stride_ratio_col,
+                    positions, n_live_topk, target, z_a, mask_id, max_log_ratio,
+                    DIVERGENCE: tl.constexpr, TAIL_ZERO: tl.constexpr):
+    """Top-K entries at `positions`: column, whether counted, z there, loss and gradient terms.
+
+    SPEC 4.4, B_y = exp(z_y - z_a), A_y = exp(rho_y); entries equal to a or mask_id are not
+    counted, duplicates each count, nothing is read when n_live_topk = 0 (row not computed).
+    grad_terms[j] is (V / weight) d loss / d z at column S_j; column a receives minus their
+    sum, since every term depends on z_y - z_a.
+    """
+    in_topk = positions < n_live_topk
+    cols = tl.load(topk_idx_row + positions * stride_idx_col, mask=in_topk, other=0).to(tl.int64)
+    counted = in_topk & (cols != target) & (cols != mask_id)
+    log_a = tl.load(topk_ratio_row + positions * stride_ratio_col, mask=counted,
+                    other=0.0).to(tl.float32)
+    z = tl.load(logits_row + cols, mask=counted, other=0.0).to(tl.float32)
+    log_b = z - z_a
+    if DIVERGENCE == _IS:
+        # is: A/B - log(A/B) - 1 per y in S; d/dz_y = 1 - A_y/B_y.
+        log_ratio = log_a - log_b
+        ratio = _clamped_exp(log_ratio, max_log_ratio)
+        loss_terms = ratio - log_ratio - 1.0
+        grad_terms = 1.0 - ratio
+    else:
+        # gkl: A_y (rho_y - log B_y) - A_y per y in S; d/dz_y = -A_y.
+        big_a = _clamped_exp(log_a, max_log_ratio)
+        loss_terms = big_a * (log_a - log_b) - big_a
+        grad_terms = -big_a
+        if not TAIL_ZERO:
+            # tail ignore: + B_y for y in S only; d/dz_y = B_y.
+            big_b = _clamped_exp(log_b, max_log_ratio)
+            loss_terms += big_b
+            grad_terms += big_b
+    loss_terms = tl.where(counted, loss_terms, 0.0)
+    grad_terms = tl.where(counted, grad_terms, 0.0)
+    return cols, counted, z, loss_terms, grad_terms
+
+
+@triton.jit
+def _sparse_target_kernel(
+    logits_ptr, grad_ptr, target_ptr, weight_ptr, loss_ptr, topk_idx_ptr, topk_ratio_ptr,
+    stride_logits, stride_grad, stride_idx_row, stride_idx_col, stride_ratio_row,
+    stride_ratio_col, n_topk, stride_target, stride_weight, n_cols, n_classes, mask_id,
+    ignore_index, max_log_ratio,
+    DIVERGENCE: tl.constexpr, TAIL_ZERO: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_K: tl.constexpr,
+):
+    """Sparse top-K teacher, score objective (SPEC 4.4): is, or gkl with tail zero / ignore."""
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * stride_logits
+    grad_row = grad_ptr + row * stride_grad
+    topk_idx_row = topk_idx_ptr + row * stride_idx_row
+    topk_ratio_row = topk_ratio_ptr + row * stride_ratio_row
+    target, weight, live, target_ok = _row_setup(target_ptr, stride_target, weight_ptr,
+                                                 stride_weight, row, n_cols, mask_id,
+                                                 ignore_index, HAS_WEIGHT)
+    positions = tl.arange(0, BLOCK_K)
+    in_topk = positions < tl.where(live, n_topk, 0)
+    raw_cols = tl.load(topk_idx_row + positions * stride_idx_col, mask=in_topk, other=0)
+    bad_cols = in_topk & ((raw_cols < 0) | (raw_cols >= n_cols))
+    row_ok = live & target_ok & (tl.sum(bad_cols.to(tl.int32), axis=0) == 0)
+    n_live_cols = tl.where(row_ok, n_cols, 0)
+    n_live_topk = tl.where(row_ok, n_topk, 0)
+    z_a = tl.load(logits_row + target, mask=row_ok, other=0.0).to(tl.float32)
+    cols, counted, z_s, loss_terms, grad_terms = _sparse_entries(
+        logits_row, topk_idx_row, topk_ratio_row, stride_idx_col, stride_ratio_col, positions,
+        n_live_topk, target, z_a, mask_id, max_log_ratio, DIVERGENCE, TAIL_ZERO)
+
+    # Duplicate columns in S each count, so column S_j gets the sum of grad_terms over every
+    # copy of it. The copies are matched in registers (K x K, in CHUNK_K slices) and only the
+    # first copy stores the combined value: one plain store per column, the cancelling terms
+    # (B - A) formed in float32 and rounded once, no atomics (which would round the dense part
+    # to the grad dtype first, and which have no bf16/fp16 form on every GPU).
+    combined_terms = tl.zeros([BLOCK_K], tl.float32)
+    earlier_copies = tl.zeros([BLOCK_K], tl.int32)
+    for chunk in range(0, n_live_topk, CHUNK_K):
+        chunk_positions = chunk + tl.arange(0, CHUNK_K)
+        chunk_cols, chunk_counted, _, _, chunk_grad_terms = _sparse_entries(
+            logits_row, topk_idx_row, topk_ratio_row, stride_idx_col, stride_ratio_col,
+            chunk_positions, n_live_topk, target, z_a, mask_id, max_log_ratio, DIVERGENCE,
+            TAIL_ZERO)
+        same_col = (cols[:, None] == chunk_cols[None, :]) & chunk_counted[None, :]
+        combined_terms += tl.sum(tl.where(same_col, chunk_grad_terms[None, :], 0.0), axis=1)
+        earlier = same_col & (chunk_positions[None, :] < positions[:, None])
+        earlier_copies += tl.sum(earlier.to(tl.int32), axis=1)
+    first_copy = counted & (earlier_copies == 0)
+
+    row_loss = tl.sum(loss_terms, axis=0)
+    grad_at_s = combined_terms
+    grad_at_a = -tl.sum(grad_terms, axis=0)
+    if TAIL_ZERO:
+        # tail zero: sum_{y != a} B_y = exp(LSE - z_a) - 1, clamped (SPEC 4.4-4.5). Gradient:
+        # p_k/p_a at k != a, p_a/p_a - 1/p_a at a, with p_k/p_a = exp(log(1/p_a) + log p_k).
+        lse = _row_lse(logits_row, n_live_cols, n_cols, mask_id, BLOCK_V)
+        log_inv_pa = tl.minimum(lse - z_a, max_log_ratio)
+        inv_pa = tl.exp(log_inv_pa)
+        row_loss += inv_pa - 1.0
+        grad_at_s += tl.exp(log_inv_pa + z_s - lse)
+        grad_at_a += tl.exp(log_inv_pa + z_a - lse) - inv_pa
+
+    # The pass over V writes the dense part (tail zero) or zeros; after a barrier the K + 1
+    # non-zero columns are overwritten with their final values, computed from logits gathered
+    # before the first store (grad may alias logits).
+    tl.debug_barrier()
+    for start in range(0, n_cols, BLOCK_V):
+        cols_v = start + tl.arange(0, BLOCK_V)
+        in_row = cols_v < n_cols
+        grad = tl.zeros([BLOCK_V], tl.float32)
+        if TAIL_ZERO:
+            participating = (cols_v < n_live_cols) & (cols_v != mask_id)
+            z = tl.load(logits_row + cols_v, mask=participating, other=0.0).to(tl.float32)
+            grad = tl.where(participating, weight * tl.exp(log_inv_pa + z - lse) / n_classes, 0.0)
+        tl.store(grad_row + cols_v, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+    tl.debug_barrier()
+    out_dtype = grad_ptr.dtype.element_ty
+    tl.store(grad_row + cols, (weight * grad_at_s / n_classes).to(out_dtype), mask=first_copy)
+    tl.store(grad_row + target, (weight * grad_at_a / n_classes).to(out_dtype), mask=row_ok)
+    _store_row_loss(loss_ptr, row, row_loss / n_classes, weight, live, row_ok)
+
+
+def _block_config(n_cols: int, device: torch.device):
+    """(BLOCK_V, num_warps): one block covers up to 4096 columns on a GPU, 256 interpreted."""
+    cap = _GPU_BLOCK_V if device.type == "cuda" else _INTERPRETER_BLOCK_V
+    block_v = max(16, min(triton.next_power_of_2(n_cols), cap))
+    return block_v, min(16, max(1, block_v // 256))
+
+
+def _device_guard(device: torch.device):
+    """Launch on the tensors' GPU (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_rows(name: str, rows: Optional[torch.Tensor]) -> None:
+    if rows is not None and rows.dim() == 2 and rows.shape[1] > 1 and rows.stride(1) != 1:
+        raise ValueError(f"{name} must have contiguous rows (stride(1) == 1), "
+                         f"got strides {tuple(rows.stride())}")
+
+
+def tcsm_loss_rows(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                   teacher_logits: Optional[torch.Tensor], topk_indices: Optional[torch.Tensor],
+                   topk_log_ratios: Optional[torch.Tensor], grad: torch.Tensor,
+                   divergence: str, objective: str, mask_id: int, temperature: float,
+                   ignore_index: int, tail: str, max_log_ratio: float) -> torch.Tensor:
+    """Per-row weighted TCSM losses (N,) float32; writes weight * d row_loss / d logits to grad.
+
+    logits (N, V) and grad (N, V, same dtype, may be logits itself) have contiguous rows;
+    teacher_logits (N, V) selects the dense teacher, topk_indices / topk_log_ratios (N, K) the
+    sparse one (score objective), neither the data target. mask_id = -1 means none. Arguments
+    are assumed validated (ops/loss.py); a live row with a target or top-K id out of range (or
+    a target equal to mask_id) gets a NaN loss and a zero gradient, and nothing out of bounds
+    is read.
+    """
+    n_rows, n_cols = logits.shape
+    row_loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    if n_rows == 0:
+        return row_loss
+    for name, rows in (("logits", logits), ("grad", grad), ("teacher_logits", teacher_logits)):
+        _check_rows(name, rows)
+    mask_id = -1 if mask_id is None else int(mask_id)
+    n_classes = float(n_cols - (1 if mask_id >= 0 else 0))  # V of the SPEC formulas
+    block_v, num_warps = _block_config(n_cols, logits.device)
+    has_weight = weight is not None
+    weight_arg = weight if has_weight else row_loss  # never read when HAS_WEIGHT is false
+    weight_stride = weight.stride(0) if has_weight else 0  # 0 for a broadcast weight too
+    code = _DIVERGENCE_CODES[divergence]
+    row_args = (target.stride(0), weight_stride, n_cols, n_classes, mask_id, ignore_index)
+    grid = (n_rows,)
+    with _device_guard(logits.device):
+        if teacher_logits is not None:
+            dense_args = (logits, teacher_logits, grad, target, weight_arg, row_loss,
+                          logits.stride(0), teacher_logits.stride(0), grad.stride(0), *row_args,
+                          float(temperature), float(max_log_ratio))
+            if objective == "score" and divergence == "is":
+                _dense_score_is_kernel[grid](*dense_args, HAS_WEIGHT=has_weight,
+                                             BLOCK_V=block_v, num_warps=num_warps)
+            else:
+                _dense_target_kernel[grid](*dense_args, DIVERGENCE=code,
+                                           SCORE=objective == "score", HAS_WEIGHT=has_weight,
+                                           BLOCK_V=block_v, num_warps=num_warps)
+        elif topk_indices is not None:
+            n_topk = topk_indices.shape[1]
+            block_k = triton.next_power_of_2(max(n_topk, 1))
+            chunk_k = max(1, min(block_k, _MATCH_TILE // block_k))
+            # SPEC 4.4: is sums over S alone, so the tail only matters for gkl.
+            tail_zero = tail == "zero" and divergence == "gkl"
+            _sparse_target_kernel[grid](
+                logits, grad, target, weight_arg, row_loss, topk_indices, topk_log_ratios,
+                logits.stride(0), grad.stride(0), topk_indices.stride(0),
+                topk_indices.stride(1), topk_log_ratios.stride(0), topk_log_ratios.stride(1),
+                n_topk, *row_args, float(max_log_ratio),
+                DIVERGENCE=code, TAIL_ZERO=tail_zero, HAS_WEIGHT=has_weight, BLOCK_V=block_v,
+                BLOCK_K=block_k, CHUNK_K=chunk_k, num_warps=num_warps)
+        else:
+            _data_target_kernel[grid](
+                logits, grad, target, weight_arg, row_loss, logits.stride(0), grad.stride(0),
+                *row_args, float(max_log_ratio),
+                DIVERGENCE=code, HAS_WEIGHT=has_weight, BLOCK_V=block_v, num_warps=num_warps)
+    return row_loss
