@@ -1,22 +1,23 @@
 // Fused CTMC reverse step on the CPU (SPEC 7, "inverse CDF over blocks").
 //
-// Per row, with s_v = z_v / T for participating columns (the mask column has weight 0) and
-// M = max_v z_v:
-//   pass 1 reads the row once, block by block (kBlock columns, the block in L1): the block max
-//   m_b, the mass S_b = sum_v exp((z_v - m_b) / T) and A_b = sum_v exp((z_v - m_b) / T) (z_v - m_b) / T,
-//   exp in float32, sums in double. Rescaling to the row max,
-//   exp((z_v - M) / T) = exp((m_b - M) / T) exp((z_v - m_b) / T), gives the block masses of the
-//   CDF, the total Z = sum_v exp((z_v - M) / T) and sum_v exp((z_v - M) / T) (z_v - M) / T.
+// Per row, over participating columns (the mask column has weight 0), with M = max_v z_v and
+// w_v = exp((z_v - M) / T):
+//   Pass 1 reads the row once, block by block (kBlock columns, which stay in L1): the block max
+//   m_b, the mass S_b = sum_{v in b} exp((z_v - m_b) / T) and
+//   A_b = sum_{v in b} exp((z_v - m_b) / T) (z_v - m_b) / T, exp in float32. Rescaling by
+//   exp((m_b - M) / T) turns them into the block masses of the CDF, the total Z = sum_v w_v and
+//   sum_v w_v (z_v - M) / T.
 //   The draw: target = u Z with the row's Philox uniform u; the first block whose cumulative
 //   mass exceeds the target, then a scan of that block alone for the first column whose
-//   cumulative mass does. Everything depends only on (seed, offset, row) and the logits:
-//   kBlock is fixed and a row never depends on the thread that runs it.
-// Outputs from the same sums: p(x1) = exp((z_x1 - M) / T) / Z, p_top1 = 1 / Z,
-// p_top2 = exp((z_top2 - M) / T) / Z, entropy H = log Z - sum_v exp((z_v - M) / T) (z_v - M) / T / Z.
+//   cumulative mass does. A row depends only on (seed, offset, row) and its logits: kBlock is
+//   fixed and no sum spans rows, so the thread count changes nothing.
+// Outputs from the same sums: p(x1) = w_x1 / Z, p_top1 = 1 / Z, p_top2 = w_top2 / Z, and the
+// entropy H = -sum_v (w_v / Z) log(w_v / Z) = log Z - sum_v w_v (z_v - M) / T / Z.
+//
 // Vectorisation: under GCC's default -ftrapping-math the selects in fast_exp and in the sums
-// below count as possibly trapping and keep every column loop scalar (about 10x slower).
-// Floating-point exception flags are never inspected here, so dropping the assumption changes
-// no value.
+// below count as possibly trapping and keep every column loop scalar (several times slower).
+// Floating-point exception flags are never inspected, so dropping the assumption changes no
+// value.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif

@@ -36,6 +36,7 @@ struct LossProblem {
   float temperature;    // divides the dense teacher logits
   int64_t ignore_index;
   float max_log_ratio;  // clamp of the exponents that can overflow (SPEC 4.5)
+  int threads;          // OpenMP threads over rows; 0: the OpenMP default
 };
 
 // Rows whose (non-ignored) target is outside [0, cols) or equal to mask_id, or whose top-K ids

@@ -2,6 +2,7 @@
 // fake kernel and autograd live in tcsm_kernels/ops/loss.py; this file checks what the kernel
 // relies on for memory safety and hands it raw pointers.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -82,6 +83,7 @@ at::Tensor tcsm_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
   problem.temperature = static_cast<float>(temperature);
   problem.max_log_ratio = static_cast<float>(max_log_ratio);
   problem.ignore_index = ignore_index;
+  problem.threads = at::get_num_threads();
 
   const at::Tensor z = as_rows(logits);
   problem.logits = z.data_ptr();

@@ -3,7 +3,6 @@ TRITON_INTERPRET=1) or the reference. ``auto`` picks the fused kernel for the te
 and falls back to the reference, with one warning, when that kernel is unavailable."""
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import warnings
@@ -11,22 +10,30 @@ import warnings
 import torch
 
 
-@functools.lru_cache(maxsize=None)
-def cpp_available() -> bool:
+def _load_cpp() -> bool:
     """Load the compiled extension (registers the ``tcsm::*_cpu`` ops); warn once if missing."""
     try:
         from . import _C  # noqa: F401  (import registers the ops)
     except ImportError as err:
         warnings.warn(f"tcsm_kernels: the C++ extension could not be loaded ({err}); CPU ops "
                       "fall back to the slow reference implementation. Build it with "
-                      "`python setup.py build_ext --inplace`.", RuntimeWarning, stacklevel=3)
+                      "`bash scripts/env.sh`.", RuntimeWarning, stacklevel=2)
         return False
     return True
 
 
-@functools.lru_cache(maxsize=None)
+# Decided once at import (plain module constants, which torch.compile traces through).
+_CPP_AVAILABLE = _load_cpp()
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+_WARNED_DEVICES = set()
+
+
+def cpp_available() -> bool:
+    return _CPP_AVAILABLE
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def triton_interpreting() -> bool:
@@ -65,7 +72,9 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     return "reference"
 
 
-@functools.lru_cache(maxsize=None)
 def _warn_no_kernel(device_type: str) -> None:
+    if device_type in _WARNED_DEVICES:
+        return
+    _WARNED_DEVICES.add(device_type)
     warnings.warn(f"tcsm_kernels: no fused kernel for {device_type} tensors here; using the "
                   "reference implementation", RuntimeWarning, stacklevel=4)

@@ -36,6 +36,8 @@ def _ctmc_step_op(logits: torch.Tensor, x: torch.Tensor, jump: torch.Tensor,
     if backend == "cpp":
         return torch.ops.tcsm.ctmc_step_cpu(logits, x, jump, frozen, mask_id, temperature, seed,
                                             offset)
+    # Imported on first use: triton is heavy, and on CPU the interpreter must be chosen
+    # (TRITON_INTERPRET=1) before triton is first imported.
     from ..triton import ctmc_step as triton_step
     return triton_step.ctmc_step(logits, x, jump, frozen, mask_id, temperature, seed, offset)
 

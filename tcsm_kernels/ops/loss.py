@@ -86,7 +86,8 @@ class _FusedTCSMLoss(torch.autograd.Function):
         # float32 before rounding (the buffer is ours; a second backward through the same graph
         # is not supported). On CPU a unit upstream gradient (the common loss.backward()) is
         # seen without a device sync and skips the pass over (N, V).
-        unit = grad_rows.device.type == "cpu" and bool((grad_rows == 1).all())
+        unit = (grad_rows.device.type == "cpu" and not torch.compiler.is_compiling()
+                and bool((grad_rows == 1).all()))
         if not unit:
             grad.mul_(grad_rows[:, None])
         return grad, None, None, None, None, None, None, None

@@ -174,9 +174,9 @@ def train(config: Optional[TrainConfig], session: Session) -> dict:
 
 
 def _param_groups(model, weight_decay: float):
-    """Weight decay on matrices only (not on norms, biases or positions)."""
-    decay = [p for n, p in model.named_parameters() if p.dim() == 2 and "position" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() == 2 and "position" not in n)]
+    """Weight decay on matrices only (not on norms or biases)."""
+    decay = [p for p in model.parameters() if p.dim() == 2]
+    rest = [p for p in model.parameters() if p.dim() != 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 

@@ -33,12 +33,10 @@ def generate(trained: TrainedRun, *, method: Optional[str] = None, steps: int = 
             mask = mask_token(config, trained.corpus)
             ids = torch.as_tensor(vocab.encode(prompt))[:length]
             x = torch.full((num, length), mask, dtype=torch.int64)
-            x[:, :len(ids)] = ids
-            frozen = torch.zeros(num, length, dtype=torch.bool)
-            frozen[:, :len(ids)] = True
+            x[:, :len(ids)] = ids  # positions that are not masked never change
             out = sample_masked(trained.model, x.to(device), steps=steps, mask_id=mask,
-                                schedule=schedule, method=method, frozen=frozen.to(device),
-                                temperature=temperature, seed=seed)
+                                schedule=schedule, method=method, temperature=temperature,
+                                seed=seed)
         else:
             from ..sampling import sample_uniform
             if prompt:

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from . import philox
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit

@@ -14,14 +14,21 @@ import triton.language as tl
 from .. import philox as _philox
 
 
+MULT_0 = tl.constexpr(_philox.MULT_0)
+MULT_1 = tl.constexpr(_philox.MULT_1)
+WEYL_0 = tl.constexpr(_philox.WEYL_0)
+WEYL_1 = tl.constexpr(_philox.WEYL_1)
+ROUNDS = tl.constexpr(_philox.ROUNDS)
+
+
 @triton.jit
 def philox4x32_10(c0, c1, c2, c3, k0, k1):
     """Ten Philox rounds on uint32 counter words (c0..c3) under the uint32 key (k0, k1)."""
-    mult0 = tl.full((), _philox.MULT_0, tl.uint32)
-    mult1 = tl.full((), _philox.MULT_1, tl.uint32)
-    weyl0 = tl.full((), _philox.WEYL_0, tl.uint32)
-    weyl1 = tl.full((), _philox.WEYL_1, tl.uint32)
-    for _ in tl.static_range(_philox.ROUNDS):
+    mult0 = tl.full((), MULT_0, tl.uint32)
+    mult1 = tl.full((), MULT_1, tl.uint32)
+    weyl0 = tl.full((), WEYL_0, tl.uint32)
+    weyl1 = tl.full((), WEYL_1, tl.uint32)
+    for _ in tl.static_range(ROUNDS):
         hi0 = tl.umulhi(c0, mult0)
         lo0 = c0 * mult0
         hi1 = tl.umulhi(c2, mult1)
