@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <omp.h>
@@ -31,6 +32,8 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // Columns per block of the online max: one horizontal max per block, whose data the exp loop
 // then re-reads from L1; block partial sums are float32, row totals double.
 constexpr int64_t kBlock = 512;
+// Elements (rows x columns) below which a call stays on one thread.
+constexpr int64_t kMinParallelWork = int64_t{1} << 16;
 
 TCSM_INLINE uint32_t float_bits(float x) {
   uint32_t bits;
@@ -171,10 +174,11 @@ struct Row {
   float weight;
 };
 
-// Per-thread buffers of the sparse kernels.
+// Per-thread buffers.
 struct Scratch {
-  std::vector<float> column_coef;  // (cols,), all zero between rows
-  std::vector<float> entry_logit;  // (topk,)
+  std::vector<float> block_max;    // running max of each block (softmax passes)
+  std::vector<float> column_coef;  // sparse: (cols,), all zero between rows
+  std::vector<float> entry_logit;  // sparse: (topk,)
 };
 
 // Writes the mask column's gradient (always 0).
@@ -183,39 +187,85 @@ TCSM_INLINE void zero_mask_column(typename Format::Storage* grad, const Shape& s
   if (shape.mask_id >= 0) grad[shape.mask_id] = Format::store(0.f);
 }
 
-// SPEC 4.1, data target. Pass 1: LSE and, for is/gkl, sum_y (z_y - z_a) (shifted by z_a so
-// that sum z - V LSE = sum (z - z_a) - V (LSE - z_a) does not cancel at large |z|).
-// Pass 2: grad = offset + slope * p on every column, then column a is overwritten.
-template <class Format, Divergence kDivergence>
-float data_row(const Row<Format>& row, const Shape& shape, Scratch&) {
-  const auto* const logits = row.logits;
-  auto* const grad = row.grad;
-  const float z_a = Format::load(logits[row.a]);
-  OnlineLogSumExp student_stats;
-  double shifted_sum = 0.0;
+// Float32 gradient rows hold exp(z - running max) between the two softmax passes, so that the
+// second pass rescales instead of exponentiating again (one exp per element instead of two);
+// bfloat16/float16 would round that intermediate, so they recompute it.
+template <class Format>
+constexpr bool kStashExp = std::is_same_v<Format, Float32>;
+
+// Softmax pass 1 over the participating columns: online LSE and, when kShiftedSum,
+// sum_y (z_y - z_ref). Reads each z_k before (with kStashExp) writing grad_k.
+template <class Format, bool kShiftedSum>
+OnlineLogSumExp softmax_stats(const typename Format::Storage* logits,
+                              typename Format::Storage* grad, const Shape& shape,
+                              Scratch& scratch, float z_ref, double& shifted_sum) {
+  OnlineLogSumExp stats;
+  float* block_max = scratch.block_max.data();
+  int64_t block = 0;
   for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
-    float block_max = -kInf;
-#pragma omp simd reduction(max : block_max)
+    float local_max = -kInf;
+#pragma omp simd reduction(max : local_max)
     for (int64_t k = begin; k < end; ++k) {
       const float z = Format::load(logits[k]);
-      block_max = z > block_max ? z : block_max;
+      local_max = z > local_max ? z : local_max;
     }
-    const float max = student_stats.raise(block_max);
+    const float max = stats.raise(local_max);
+    block_max[block++] = max;
     float block_sum = 0.f;
     float block_shifted = 0.f;
 #pragma omp simd reduction(+ : block_sum, block_shifted)
     for (int64_t k = begin; k < end; ++k) {
       const float z = Format::load(logits[k]);
-      block_sum += fast_exp(z - max);
-      block_shifted += z - z_a;
+      const float e = fast_exp(z - max);
+      block_sum += e;
+      if constexpr (kShiftedSum) block_shifted += z - z_ref;
+      if constexpr (kStashExp<Format>) grad[k] = e;
     }
-    student_stats.sum += block_sum;
+    stats.sum += block_sum;
     shifted_sum += block_shifted;
   });
-  const float z_max = student_stats.max;
-  const float z_log_sum = student_stats.log_sum();
-  const float log_inv_pa = (z_max - z_a) + z_log_sum;      // LSE - z_a = -log p_a
-  const float pa_minus_one = std::expm1(-log_inv_pa);      // p_a - 1 without cancellation
+  return stats;
+}
+
+// Softmax pass 2: grad = offset + slope * p on every participating column.
+template <class Format>
+void write_affine_softmax(const typename Format::Storage* logits, typename Format::Storage* grad,
+                          const Shape& shape, const Scratch& scratch,
+                          const OnlineLogSumExp& stats, float offset, float slope) {
+  const float z_max = stats.max;
+  const float z_log_sum = stats.log_sum();
+  const float* block_max = scratch.block_max.data();
+  int64_t block = 0;
+  for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+    if constexpr (kStashExp<Format>) {
+      // p = exp(z - block max) * exp(block max - LSE)
+      const float rescale = std::exp((block_max[block++] - z_max) - z_log_sum);
+#pragma omp simd
+      for (int64_t k = begin; k < end; ++k) grad[k] = offset + slope * (rescale * grad[k]);
+    } else {
+#pragma omp simd
+      for (int64_t k = begin; k < end; ++k) {
+        const float p = fast_exp((Format::load(logits[k]) - z_max) - z_log_sum);
+        grad[k] = Format::store(offset + slope * p);
+      }
+    }
+  });
+}
+
+// SPEC 4.1, data target. Pass 1: LSE and, for is/gkl, sum_y (z_y - z_a) (shifted by z_a so
+// that sum z - V LSE = sum (z - z_a) - V (LSE - z_a) does not cancel at large |z|).
+// Pass 2: grad = offset + slope * p on every column, then column a is overwritten (z_a was
+// read first).
+template <class Format, Divergence kDivergence>
+float data_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
+  const auto* const logits = row.logits;
+  auto* const grad = row.grad;
+  const float z_a = Format::load(logits[row.a]);
+  double shifted_sum = 0.0;  // sum_y (z_y - z_a)
+  const OnlineLogSumExp student_stats = softmax_stats<Format, kDivergence != Divergence::kKL>(
+      logits, grad, shape, scratch, z_a, shifted_sum);
+  const float log_inv_pa = (student_stats.max - z_a) + student_stats.log_sum();  // -log p_a
+  const float pa_minus_one = std::expm1(-log_inv_pa);  // p_a - 1 without cancellation
   const float v = shape.participating;
   const float scale = row.weight / v;
   // kl: loss LSE - z_a, grad p - e_a
@@ -237,13 +287,7 @@ float data_row(const Row<Format>& row, const Shape& shape, Scratch&) {
       loss = (inv_pa + static_cast<float>(shifted_sum)) / v;
     }
   }
-  for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
-#pragma omp simd
-    for (int64_t k = begin; k < end; ++k) {
-      const float p = fast_exp((Format::load(logits[k]) - z_max) - z_log_sum);
-      grad[k] = Format::store(offset + slope * p);
-    }
-  });
+  write_affine_softmax<Format>(logits, grad, shape, scratch, student_stats, offset, slope);
   grad[row.a] = Format::store(grad_a);
   zero_mask_column<Format>(grad, shape);
   return loss;
@@ -465,26 +509,7 @@ float sparse_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
   constexpr bool kDenseTail = kDivergence == Divergence::kGKL && kTail == Tail::kZero;
   const float limit = shape.max_log_ratio;
   const float z_a = Format::load(logits[row.a]);
-  OnlineLogSumExp student_stats;
-  if constexpr (kDenseTail) {
-    for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
-      float block_max = -kInf;
-#pragma omp simd reduction(max : block_max)
-      for (int64_t k = begin; k < end; ++k) {
-        const float z = Format::load(logits[k]);
-        block_max = z > block_max ? z : block_max;
-      }
-      const float shift = student_stats.raise(block_max);
-      float block_sum = 0.f;
-#pragma omp simd reduction(+ : block_sum)
-      for (int64_t k = begin; k < end; ++k) {
-        block_sum += fast_exp(Format::load(logits[k]) - shift);
-      }
-      student_stats.sum += block_sum;
-    });
-  }
-  const float z_max = student_stats.max;
-  const float z_log_sum = kDenseTail ? student_stats.log_sum() : 0.f;
+  // The entries first: their z_y are read before any gradient column is written.
   float* column_coef = scratch.column_coef.data();
   float* entry_logit = scratch.entry_logit.data();
   double loss_sum = 0.0;
@@ -518,28 +543,26 @@ float sparse_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
   const float v = shape.participating;
   const float scale = row.weight / v;
   float grad_a = scale * coef_sum;
+  OnlineLogSumExp student_stats;
   float inv_pa = 0.f;
   if constexpr (kDenseTail) {
-    const float log_inv_pa = (z_max - z_a) + z_log_sum;
+    double unused_sum = 0.0;
+    student_stats = softmax_stats<Format, false>(logits, grad, shape, scratch, 0.f, unused_sum);
+    const float log_inv_pa = (student_stats.max - z_a) + student_stats.log_sum();
     inv_pa = clamped_exp(log_inv_pa, limit);
     loss_sum += inv_pa - 1.f;
-    const float dense_slope = scale * inv_pa;
-    for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
-#pragma omp simd
-      for (int64_t k = begin; k < end; ++k) {
-        const float p = fast_exp((Format::load(logits[k]) - z_max) - z_log_sum);
-        grad[k] = Format::store(dense_slope * p);
-      }
-    });
+    write_affine_softmax<Format>(logits, grad, shape, scratch, student_stats, 0.f, scale * inv_pa);
     grad_a = scale * (coef_sum + inv_pa * std::expm1(-log_inv_pa));
     zero_mask_column<Format>(grad, shape);
   } else {
     std::memset(grad, 0, sizeof(*grad) * static_cast<size_t>(shape.cols));
   }
+  const float z_max = student_stats.max;
+  const float z_log_sum = kDenseTail ? student_stats.log_sum() : 0.f;
   for (int64_t j = 0; j < shape.topk; ++j) {
     const int64_t y = row.topk_index[j];
     if (y == row.a || y == shape.mask_id) continue;
-    float dense_part = 0.f;
+    float dense_part = 0.f;  // (1/p_a) p_y, from the z_y read above
     if constexpr (kDenseTail) {
       dense_part = inv_pa * fast_exp((entry_logit[j] - z_max) - z_log_sum);
     }
@@ -601,9 +624,13 @@ void run(const LossProblem& problem) {
   const auto* teacher = static_cast<const Storage*>(problem.teacher_logits);
   auto* grad = static_cast<Storage*>(problem.grad);
   const bool sparse = problem.topk_indices != nullptr;
-#pragma omp parallel num_threads(problem.threads > 0 ? problem.threads : omp_get_max_threads())
+  // Small problems run on the calling thread: waking the team costs more than it saves.
+  const bool parallel = problem.rows > 1 && problem.rows * problem.cols >= kMinParallelWork;
+#pragma omp parallel if (parallel) \
+    num_threads(problem.threads > 0 ? problem.threads : omp_get_max_threads())
   {
     Scratch scratch;
+    scratch.block_max.resize(static_cast<size_t>(shape.cols / kBlock + 2));
     if (sparse) {
       scratch.column_coef.assign(static_cast<size_t>(shape.cols), 0.f);
       scratch.entry_logit.resize(static_cast<size_t>(shape.topk));

@@ -72,26 +72,24 @@ def run_reference(case, divergence, objective, tail, mask_id=None, temperature=1
     """Weighted row losses and their gradient; math in float64 (or float32 for other dtypes)."""
     logits = case["logits"].to(dtype).requires_grad_(True)
     teacher = None if case["teacher"] is None else case["teacher"].to(dtype)
-    topk = None
-    if case["topk"] is not None:
-        topk = (case["topk"][0], case["topk"][1].to(torch.float64 if dtype == torch.float64
-                                                    else torch.float32))
     loss = reference.tcsm_loss(
-        logits, case["target"], teacher_logits=teacher, teacher_topk=topk,
+        logits, case["target"], teacher_logits=teacher, teacher_topk=case["topk"],
         divergence=divergence, objective=objective, weight=case["weight"], mask_id=mask_id,
         temperature=temperature, reduction="none", ignore_index=IGNORE, tail=tail,
         max_log_ratio=max_log_ratio)
-    (grad,) = torch.autograd.grad(loss.sum(), logits) if loss.numel() else (torch.zeros_like(logits),)
+    if loss.numel() == 0:
+        return loss.detach(), torch.zeros_like(logits)
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
     return loss.detach(), grad
 
 
 def row_scale(grad):
     """Per-row size of the gradient, the yardstick of its absolute error."""
-    return grad.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) if grad.shape[1] else grad
+    return grad.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
 
 
 def row_error(grad, truth):
-    return (grad.double() - truth).abs().amax(dim=1, keepdim=True) if grad.shape[1] else grad
+    return (grad.double() - truth).abs().amax(dim=1, keepdim=True)
 
 
 def assert_float32_close(case, loss, grad, truth, rtol=1e-5, **options):
@@ -221,15 +219,20 @@ def test_bad_ids_give_nan_row_and_zero_gradient(config):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_strided_rows(config):
+    """Row strides other than V (views into wider buffers) for logits, teacher and grad."""
     kind, divergence, objective, tail = config
     n, v = 9, 123
     case = make_case(kind, n, v, None)
     wide = torch.randn(n, v + 13)
     wide[:, 5:5 + v] = case["logits"]
     grad_wide = torch.full((n, v + 7), 7.0)
+    expected_loss, expected_grad = run_kernel(case, divergence, objective, tail)
+    if kind == "dense":
+        wide_teacher = torch.randn(n, 2 * v)
+        wide_teacher[:, v:] = case["teacher"]
+        case["teacher"] = wide_teacher[:, v:]
     loss, grad = run_kernel(case, divergence, objective, tail, logits=wide[:, 5:5 + v],
                             grad=grad_wide[:, 2:2 + v])
-    expected_loss, expected_grad = run_kernel(case, divergence, objective, tail)
     assert torch.equal(loss, expected_loss)
     assert torch.equal(grad, expected_grad)
     assert bool((grad_wide[:, :2] == 7).all()) and bool((grad_wide[:, 2 + v:] == 7).all())
