@@ -7,11 +7,12 @@
 // into +0 (they tie, as in torch.sort) and every NaN into one NaN ranked above +inf (torch.sort
 // puts NaN first), so ranks are a strict total order even for unchecked inputs.
 //
-// Running top-k. A min-heap of the k best ranks seen so far; its root is the k-th best. The row
-// streams in chunks of kChunk columns: one vectorised max of the chunk's keys is compared with
-// the root's key, and only a chunk that beats it is scanned column by column. A later column
-// with a key equal to the root's ranks below it (higher column), so "key > root key" is exactly
-// "enters the top k". The first k columns fill the heap unconditionally.
+// Running top-k. Candidates collect in a buffer that is cut back to its k best whenever it
+// holds 2k (RunningTopK); the k-th best's key is the threshold. The row streams in chunks of
+// kChunk columns: one vectorised max of the chunk's keys is compared with the threshold, and
+// only a chunk that beats it is scanned column by column. A later column with a key equal to
+// the k-th best's ranks below it (higher column), so "key > threshold" is exactly "can still
+// enter the top k". Until the first cut every column is a candidate.
 //
 // LSE. Online over chunks: with running max M and mass S = sum_v exp((u_v - M) / tau), a chunk
 // with larger max M' rescales S by exp((M - M') / tau); LSE = M / tau + log S.
@@ -106,11 +107,13 @@ TCSM_INLINE int64_t rank_column(uint64_t rank) {
   return static_cast<int64_t>(kLastColumn - static_cast<uint32_t>(rank));
 }
 
-// The k best ranks seen so far in a min-heap (root: the k-th best). `threshold` is the key a
-// column must exceed to enter: the root's key once k columns were seen, below every key before.
+// Candidates for the k best ranks. Columns whose key exceeds `threshold` are appended to a
+// buffer; when it holds more than 2k, a selection keeps its k best and the threshold becomes
+// the k-th best's key (below every key until then). Each compaction drops at least k entries,
+// so a column costs O(1) amortised, and no column that can still enter the top k is dropped.
 class RunningTopK {
  public:
-  explicit RunningTopK(int64_t k) : heap_(k) {}
+  explicit RunningTopK(int64_t k) : k_(k), buffer_(2 * k + kChunk) {}
 
   void reset() {
     size_ = 0;
@@ -119,44 +122,37 @@ class RunningTopK {
 
   int64_t threshold() const { return threshold_; }
 
-  // Only for a column whose key exceeds threshold().
-  void insert(uint64_t rank) {
-    const int64_t k = static_cast<int64_t>(heap_.size());
-    if (size_ < k) {
-      heap_[size_++] = rank;
-      if (size_ == k) {
-        std::make_heap(heap_.begin(), heap_.end(), std::greater<uint64_t>());
-        threshold_ = rank_key(heap_[0]);
-      }
-      return;
+  // Branch-free append of every column of a chunk that beats the threshold.
+  void offer_chunk(const float* values, int64_t len, int64_t first_column) {
+    const int64_t threshold = threshold_;
+    uint64_t* out = buffer_.data();
+    int64_t size = size_;
+    for (int64_t i = 0; i < len; ++i) {
+      const int32_t key = order_key(values[i]);
+      out[size] = column_rank(key, first_column + i);
+      size += key > threshold;
     }
-    replace_root(rank);
-    threshold_ = rank_key(heap_[0]);
+    size_ = size;
+    if (size_ > 2 * k_) keep_best();
   }
 
-  // The k ranks best first (the heap is consumed).
+  // The k ranks best first.
   const uint64_t* sorted_best_first() {
-    std::sort(heap_.begin(), heap_.begin() + size_, std::greater<uint64_t>());
-    return heap_.data();
+    if (size_ > k_) keep_best();
+    std::sort(buffer_.begin(), buffer_.begin() + size_, std::greater<uint64_t>());
+    return buffer_.data();
   }
 
  private:
-  // Sift the new rank down from the root, which it replaces (it beats the root).
-  void replace_root(uint64_t rank) {
-    const int64_t size = size_;
-    int64_t hole = 0;
-    while (true) {
-      int64_t child = 2 * hole + 1;
-      if (child >= size) break;
-      if (child + 1 < size && heap_[child + 1] < heap_[child]) ++child;
-      if (heap_[child] >= rank) break;
-      heap_[hole] = heap_[child];
-      hole = child;
-    }
-    heap_[hole] = rank;
+  void keep_best() {
+    std::nth_element(buffer_.begin(), buffer_.begin() + (k_ - 1), buffer_.begin() + size_,
+                     std::greater<uint64_t>());
+    size_ = k_;
+    threshold_ = rank_key(buffer_[k_ - 1]);
   }
 
-  std::vector<uint64_t> heap_;
+  int64_t k_;
+  std::vector<uint64_t> buffer_;  // room for 2k entries plus one chunk
   int64_t size_ = 0;
   int64_t threshold_ = std::numeric_limits<int64_t>::min();
 };
@@ -208,12 +204,7 @@ void topk_row(const TopkScoresArgs& args, int64_t n, RunningTopK& best, float* b
     }
 
     // Running top-k: most chunks stop at this one compare.
-    if (chunk_key_max > best.threshold()) {
-      for (int64_t i = 0; i < len; ++i) {
-        const int32_t key = order_key(values[i]);
-        if (key > best.threshold()) best.insert(column_rank(key, start + i));
-      }
-    }
+    if (chunk_key_max > best.threshold()) best.offer_chunk(values, len, start);
   }
 
   // Outputs (SPEC 6): log-ratios (u_y - u_a) / tau; an unchecked target outside [0, V) has no

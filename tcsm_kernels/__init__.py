@@ -7,9 +7,10 @@ from . import processes, reference, schedules
 from .ops.ctmc_step import ctmc_step
 from .ops.loss import TCSMLoss, fused_tcsm_loss
 from .ops.row_lse import row_logsumexp
+from .ops.topk_scores import topk_concrete_scores
 from .processes import MaskedProcess, UniformProcess
 from .schedules import get_schedule
 
-__all__ = ["fused_tcsm_loss", "TCSMLoss", "ctmc_step", "reference", "schedules", "processes", "MaskedProcess", "UniformProcess",
+__all__ = ["fused_tcsm_loss", "TCSMLoss", "ctmc_step", "topk_concrete_scores", "reference", "schedules", "processes", "MaskedProcess", "UniformProcess",
            "get_schedule", "row_logsumexp"]
 __version__ = "0.1.0"

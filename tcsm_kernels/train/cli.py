@@ -76,7 +76,7 @@ def _add_train_parser(sub) -> None:
     session.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                          help="stop with a checkpoint after this step (resume later)")
     session.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                         help="stop with a checkpoint once training has run this long")
+                         help="stop with a checkpoint after this many seconds of this invocation")
     session.add_argument("--log-every", type=int, default=10, help="steps between log flushes")
     session.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=_train)

@@ -10,6 +10,7 @@ whole global batch at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import shutil
@@ -41,7 +42,7 @@ class Session:
     device: str = "auto"
     threads: Optional[int] = None
     stop_after: Optional[int] = None  # stop (with a checkpoint) once this step is done
-    time_limit: Optional[float] = None  # seconds; stop (with a checkpoint) when exceeded
+    time_limit: Optional[float] = None  # seconds of this invocation; then stop (with a checkpoint)
     log_every: int = 10
     quiet: bool = False
 
@@ -168,7 +169,10 @@ def train(config: Optional[TrainConfig], session: Session) -> dict:
             path = (run_dir / CHECKPOINT_DIR / checkpoint.LAST if session.resume == "last"
                     else Path(session.resume))
             state = checkpoint.load(path)
-        return _train_loop(config, session, run_dir, world, state)
+        trainer = Trainer(config, session, run_dir, world)
+        if state is not None:
+            trainer.restore(state)
+        return trainer.run()
     finally:
         distributed.teardown(world)
 
@@ -180,118 +184,148 @@ def _param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def _train_loop(config: TrainConfig, session: Session, run_dir: Path, world: distributed.World,
-                state: Optional[dict]) -> dict:
-    from ..ops.loss import fused_tcsm_loss
+class Trainer:
+    """The state of one training invocation: model, optimizer, schedule, logs, step."""
 
-    corpus = TokenCorpus(run_dir, config.val_fraction)
-    process = make_process(config, corpus)
-    mask = mask_token(config, corpus)
-    torch.manual_seed(config.seed)
-    model = build_model(config, corpus).to(world.device)
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
-                                  betas=(0.9, 0.99))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupCosine(config.warmup, config.steps, config.min_lr_ratio))
-    step, elapsed_before = 0, 0.0
-    metrics = MetricsLog(run_dir / METRICS_FILE, enabled=world.is_main)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    def __init__(self, config: TrainConfig, session: Session, run_dir: Path,
+                 world: distributed.World):
+        self.config, self.session, self.run_dir, self.world = config, session, run_dir, world
+        self.corpus = TokenCorpus(run_dir, config.val_fraction)
+        self.process = make_process(config, self.corpus)
+        self.mask_id = mask_token(config, self.corpus)
+        torch.manual_seed(config.seed)
+        self.model = build_model(config, self.corpus).to(world.device)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, config.weight_decay),
+                                           lr=config.lr, betas=(0.9, 0.99))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, WarmupCosine(config.warmup, config.steps, config.min_lr_ratio))
+        self.metrics = MetricsLog(run_dir / METRICS_FILE, enabled=world.is_main)
+        self.cast = autocast_dtype(config, world.device)
+        self.tokens_per_step = config.batch_size * config.seq_len
+        self.step, self.elapsed_before = 0, 0.0
+        self.pending = []  # (step, loss tensor, lr, elapsed) not yet written
+        self.last_loss = float("nan")
+        self.started, self.first_step, self.eval_seconds = time.perf_counter(), 0, 0.0
+        self.progress = ProgressBar(config.steps, 0, enabled=False)
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         if torch.cuda.is_available() and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        step, elapsed_before = state["step"], state["elapsed_s"]
-        metrics.truncate_after(step)
-    ddp = (DistributedDataParallel(model, device_ids=[world.device.index]
-                                   if world.device.type == "cuda" else None)
-           if world.distributed else model)
-    cast = autocast_dtype(config, world.device)
-    tokens_per_step = config.batch_size * config.seq_len
-    micro = config.batch_size // (world.size * config.grad_accum)
-    last_step = min(config.steps, session.stop_after or config.steps)
-    progress = ProgressBar(config.steps, step, world.is_main and not session.quiet)
-    pending, started, eval_seconds, first_step, loss_value = [], time.perf_counter(), 0.0, step, float("nan")
+        self.step, self.elapsed_before = state["step"], state["elapsed_s"]
+        self.first_step = self.step
+        self.metrics.truncate_after(self.step)
 
-    def elapsed():
-        return elapsed_before + time.perf_counter() - started
+    def elapsed(self) -> float:
+        """Training seconds of the whole run, this invocation included."""
+        return self.elapsed_before + time.perf_counter() - self.started
 
-    def flush(stop_requested: bool) -> bool:
-        """Write pending per-step losses (one reduction over ranks); returns the stop decision."""
-        nonlocal loss_value, pending
-        if not pending:
+    def train_step(self, ddp) -> None:
+        """One optimizer step on the global batch of ``self.step + 1``."""
+        from ..ops.loss import fused_tcsm_loss
+
+        self.step += 1
+        config, device = self.config, self.world.device
+        batch = make_batch(config, self.corpus, self.process, self.step, self.world)
+        micro = config.batch_size // (self.world.size * config.grad_accum)
+        total = torch.zeros((), device=device)
+        for m in range(config.grad_accum):
+            rows = slice(m * micro, (m + 1) * micro)
+            last_micro = m == config.grad_accum - 1
+            sync = (ddp.no_sync() if self.world.distributed and not last_micro
+                    else contextlib.nullcontext())
+            cast = (torch.autocast(device.type, dtype=self.cast) if self.cast
+                    else contextlib.nullcontext())
+            with sync:
+                with cast:
+                    logits = ddp(batch.x_t[rows].to(device), batch.t[rows].to(device))
+                weight = None if batch.weight is None else batch.weight[rows].to(device)
+                loss = fused_tcsm_loss(logits, batch.target[rows].to(device),
+                                       divergence=config.divergence, weight=weight,
+                                       mask_id=self.mask_id, normalizer=batch.normalizer)
+                loss.backward()
+            total += loss.detach()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending.append((self.step, total, lr, self.elapsed()))
+
+    def tokens_per_second(self) -> float:
+        seconds = time.perf_counter() - self.started - self.eval_seconds
+        return (self.step - self.first_step) * self.tokens_per_step / max(seconds, 1e-9)
+
+    def flush(self, stop_requested: bool = False) -> bool:
+        """Write the pending per-step losses (one reduction over ranks, which also agrees on
+        stopping: any rank asking stops all); returns the stop decision."""
+        if not self.pending:
             return stop_requested
-        flag = torch.tensor([float(stop_requested)], device=world.device)
-        losses = torch.cat([torch.stack([p[1] for p in pending]).float(), flag])
-        losses = distributed.mean(world, losses).cpu()
-        metrics.write([{"step": s, "loss": float(v), "lr": lr, "tokens": s * tokens_per_step,
-                        "elapsed_s": round(e, 3)}
-                       for (s, _, lr, e), v in zip(pending, losses[:-1].tolist())])
-        loss_value = float(losses[-2])
-        rate = (pending[-1][0] - first_step) * tokens_per_step / max(
-            time.perf_counter() - started - eval_seconds, 1e-9)
-        progress.update(pending[-1][0], loss_value, rate)
-        pending = []
-        return bool(losses[-1] > 0)
+        flag = torch.tensor([float(stop_requested)], device=self.world.device)
+        values = torch.cat([torch.stack([p[1] for p in self.pending]).float(), flag])
+        values = distributed.mean(self.world, values).cpu().tolist()
+        self.metrics.write([{"step": s, "loss": v, "lr": lr, "tokens": s * self.tokens_per_step,
+                             "elapsed_s": round(e, 3)}
+                            for (s, _, lr, e), v in zip(self.pending, values[:-1])])
+        self.last_loss = values[-2]
+        self.progress.update(self.step, self.last_loss, self.tokens_per_second())
+        self.pending = []
+        return values[-1] > 0
 
-    def save():
-        if world.is_main:
-            checkpoint.save(run_dir / CHECKPOINT_DIR, {
-                "step": step, "config": config.__dict__, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    def evaluate(self) -> None:
+        """Validation NELBO record (rank 0; the others wait)."""
+        if self.world.is_main:
+            began = time.perf_counter()
+            result = nelbo_bits(self.model, self.corpus.val, self.process, self.mask_id,
+                                seq_len=self.config.seq_len, time_samples=self.config.eval_times,
+                                max_sequences=self.config.eval_sequences,
+                                device=self.world.device, autocast=self.cast)
+            self.metrics.write([{"step": self.step, "val_bits": result.bits_per_token}])
+            self.eval_seconds += time.perf_counter() - began
+        distributed.barrier(self.world)
+
+    def save(self) -> None:
+        self.flush()
+        if self.world.is_main:
+            checkpoint.save(self.run_dir / CHECKPOINT_DIR, {
+                "step": self.step, "config": dataclasses.asdict(self.config),
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                "data_position": {"sequences_seen": step * config.batch_size},
-                "elapsed_s": elapsed()})
+                "data_position": {"sequences_seen": self.step * self.config.batch_size},
+                "elapsed_s": self.elapsed()})
 
-    model.train()
-    with StopSignal() as stop_signal:
+    def run(self) -> dict:
+        """Train up to ``steps`` (or the session's stop); returns a summary."""
+        config, session = self.config, self.session
+        ddp = self.model
+        if self.world.distributed:
+            ddp = DistributedDataParallel(self.model, device_ids=[self.world.device.index]
+                                          if self.world.device.type == "cuda" else None)
+        last_step = min(config.steps, session.stop_after or config.steps)
+        self.progress = ProgressBar(config.steps, self.step,
+                                    self.world.is_main and not session.quiet)
+        self.started = time.perf_counter()
+        self.model.train()
         stop = False
-        while step < last_step and not stop:
-            step += 1
-            batch = make_batch(config, corpus, process, step, world)
-            total = torch.zeros((), device=world.device)
-            for m in range(config.grad_accum):
-                rows = slice(m * micro, (m + 1) * micro)
-                sync = contextlib.nullcontext() if (m == config.grad_accum - 1
-                                                    or not world.distributed) else ddp.no_sync()
-                with sync:
-                    with (torch.autocast(world.device.type, dtype=cast) if cast
-                          else contextlib.nullcontext()):
-                        logits = ddp(batch.x_t[rows].to(world.device), batch.t[rows].to(world.device))
-                    weight = None if batch.weight is None else batch.weight[rows].to(world.device)
-                    loss = fused_tcsm_loss(logits, batch.target[rows].to(world.device),
-                                           divergence=config.divergence, weight=weight,
-                                           mask_id=mask, normalizer=batch.normalizer)
-                    loss.backward()
-                total += loss.detach()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            pending.append((step, total, lr, elapsed()))
-            at_end = step == last_step
-            if step % session.log_every == 0 or at_end:
-                too_long = session.time_limit is not None and elapsed() > session.time_limit
-                stop = flush(stop_signal.raised or too_long)
-            if config.eval_every and (step % config.eval_every == 0 or at_end or stop):
-                if world.is_main:
-                    began = time.perf_counter()
-                    result = nelbo_bits(model, corpus.val, process, mask, seq_len=config.seq_len,
-                                        time_samples=config.eval_times,
-                                        max_sequences=config.eval_sequences,
-                                        device=world.device, autocast=cast)
-                    metrics.write([{"step": step, "val_bits": result.bits_per_token}])
-                    eval_seconds += time.perf_counter() - began
-                distributed.barrier(world)
-            if (config.ckpt_every and step % config.ckpt_every == 0) or at_end or stop:
-                flush(False)
-                save()
-    progress.close()
-    return {"step": step, "steps": config.steps, "loss": loss_value, "elapsed_s": elapsed(),
-            "tokens_per_s": (step - first_step) * tokens_per_step / max(
-                time.perf_counter() - started - eval_seconds, 1e-9),
-            "stopped_early": step < config.steps}
+        with StopSignal() as stop_signal:
+            while self.step < last_step and not stop:
+                self.train_step(ddp)
+                at_end = self.step == last_step
+                if self.step % session.log_every == 0 or at_end:
+                    too_long = (session.time_limit is not None
+                                and time.perf_counter() - self.started > session.time_limit)
+                    stop = self.flush(stop_signal.raised or too_long)
+                if config.eval_every and (self.step % config.eval_every == 0 or at_end or stop):
+                    self.evaluate()
+                if (config.ckpt_every and self.step % config.ckpt_every == 0) or at_end or stop:
+                    self.save()
+        self.progress.close()
+        return {"step": self.step, "steps": config.steps, "loss": self.last_loss,
+                "elapsed_s": self.elapsed(), "tokens_per_s": self.tokens_per_second(),
+                "stopped_early": self.step < config.steps}
