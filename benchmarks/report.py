@@ -1,6 +1,6 @@
-"""Markdown table and PNG chart from a pytest-benchmark JSON file.
+"""Markdown table and PNG chart from pytest-benchmark JSON files.
 
-    python benchmarks/report.py results/benchmarks.json results/
+    python benchmarks/report.py results/ results/benchmarks.json [more.json ...]
 
 Each benchmark's extra_info carries: case, vocab, rows, impl, device, median_s, gbs,
 ceiling_gbs and (CPU) extra_bytes / logits_bytes. Speed-ups are against the other
@@ -88,8 +88,11 @@ def chart(rows, path):
     fig.savefig(path, dpi=110)
 
 
-def main(json_path, out_dir):
-    rows, machine = load(json_path)
+def main(out_dir, *json_paths):
+    rows, machine = [], {}
+    for path in json_paths:
+        found, machine = load(path)
+        rows += found
     text = table(rows, machine)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(text)
@@ -99,4 +102,4 @@ def main(json_path, out_dir):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:])

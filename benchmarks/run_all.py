@@ -22,8 +22,8 @@ def main(argv):
                             "--benchmark-only", f"--benchmark-json={json_path}",
                             "--benchmark-columns=median,min,max", "-q", *argv])
     if os.path.exists(json_path):
-        subprocess.check_call([sys.executable, os.path.join(HERE, "report.py"), json_path,
-                               RESULTS])
+        subprocess.check_call([sys.executable, os.path.join(HERE, "report.py"), RESULTS,
+                               json_path])
     return code
 
 
