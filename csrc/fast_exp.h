@@ -1,8 +1,21 @@
-// exp for float32 that the compiler vectorises (no calls, no branches, only selects):
-// exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2], exp(r) by a
-// degree-7 Taylor polynomial (truncation < 6e-9 relative). Accuracy: about 2 ulp.
-// Results below exp(-87.33) flush to 0; x > 88.72 gives +inf; NaN stays NaN; IEEE safe
-// without -ffast-math.
+// exp for float32 that the compiler vectorises (no calls, no branches; 17 vector instructions
+// per 8 floats with AVX2/FMA): exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in
+// [-ln2/2, ln2/2].
+// - n: x log2(e) + 1.5 * 2^23 rounds to an integer in the float's low mantissa bits (round to
+//   nearest, |x log2 e| < 2^22); subtracting 1.5 * 2^23 again gives n as a float, and the low
+//   9 bits of the sum's bit pattern are n mod 2^9, so (bits << 23) is n << 23 in two's complement.
+// - exp(r): 1 + r (c1 + r (c2 + ... + r c6)), a degree-6 minimax fit of the relative error on
+//   [-ln2/2, ln2/2] in float64 with each coefficient rounded to float32 before the next ones
+//   were refitted: 3.2e-9 relative (0.05 ulp); with rounding, at most 1 ulp overall (measured
+//   against double exp over every float in [-87.3, 88.7], tests/test_fast_exp.py).
+// - 2^n exp(r): n << 23 added to the bits of exp(r) (in [0.70, 1.42], exponent field 126 or
+//   127). For x in [kLow, kMaxFinite] the field stays in [1, 254]: n = -126 only for
+//   x >= kLow > -126 ln 2, where r >= 0 and exp(r) >= 1 (field 127); n = 128 only for
+//   x <= kMaxFinite < 128 ln 2, where r < -7e-6 and exp(r) < 1 (field 126), so results up to
+//   FLT_MAX stay finite.
+// - Outside that range the integer sum is meaningless and two selects replace it: x < kLow
+//   gives 0 (results below FLT_MIN flush to 0), and x > kMaxFinite or NaN gives x + inf (+inf,
+//   or the NaN itself). IEEE safe without -ffast-math.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -23,30 +36,34 @@ TCSM_INLINE float bits_to_float(int32_t bits) {
   return out;
 }
 
+TCSM_INLINE int32_t float_to_int_bits(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
+}
+
 TCSM_INLINE float fast_exp(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693145751953125f;    // ln 2 split so that n * kLn2Hi is exact
+  constexpr float kRound = 0x1.8p23f;            // 1.5 * 2^23
+  constexpr float kLn2Hi = 0x1.62e4p-1f;         // 0.693145751953125: n * kLn2Hi is exact
   constexpr float kLn2Lo = 1.42860682030941723e-6f;
-  constexpr float kLow = -87.3365447505531f;       // exp(kLow) = FLT_MIN
-  constexpr float kHigh = 88.7228391116729996f;    // exp(kHigh) = FLT_MAX
-  float xc = x < kLow ? kLow : x;
-  xc = xc > kHigh ? kHigh : xc;
-  const float n = std::floor(xc * kLog2e + 0.5f);
-  const float r = std::fma(-n, kLn2Lo, std::fma(-n, kLn2Hi, xc));
-  float p = 1.f / 5040.f;
-  p = std::fma(p, r, 1.f / 720.f);
-  p = std::fma(p, r, 1.f / 120.f);
-  p = std::fma(p, r, 1.f / 24.f);
-  p = std::fma(p, r, 1.f / 6.f);
-  p = std::fma(p, r, 0.5f);
+  constexpr float kLow = -0x1.5d589ep+6f;        // -87.33654: least float >= -126 ln 2
+  constexpr float kMaxFinite = 0x1.62e42ep+6f;   // 88.72283: greatest float with exp <= FLT_MAX
+  const float shifted = std::fma(x, kLog2e, kRound);
+  const float n = shifted - kRound;
+  const float r = std::fma(-n, kLn2Lo, std::fma(-n, kLn2Hi, x));
+  float p = 0x1.6a3ce4p-10f;
+  p = std::fma(p, r, 0x1.123856p-7f);
+  p = std::fma(p, r, 0x1.5558bep-5f);
+  p = std::fma(p, r, 0x1.555494p-3f);
+  p = std::fma(p, r, 0x1.fffffcp-2f);
   p = std::fma(p, r, 1.f);
   p = std::fma(p, r, 1.f);
-  // 2^n for n in [-126, 128]: n = 128 is split as 2^127 * 2 so the exponent field stays < 255.
-  int32_t ni = static_cast<int32_t>(n);
-  const float extra = ni > 127 ? 2.f : 1.f;
-  ni = ni > 127 ? 127 : ni;
-  const float result = p * bits_to_float((ni + 127) << 23) * extra;
-  return x < kLow ? 0.f : (x > kHigh ? std::numeric_limits<float>::infinity() : result);
+  const int32_t scale = static_cast<int32_t>(static_cast<uint32_t>(float_to_int_bits(shifted)) << 23);
+  const float result = bits_to_float(static_cast<int32_t>(
+      static_cast<uint32_t>(float_to_int_bits(p)) + static_cast<uint32_t>(scale)));
+  const float low = x < kLow ? 0.f : result;
+  return x <= kMaxFinite ? low : x + std::numeric_limits<float>::infinity();
 }
 
 }  // namespace tcsm

@@ -1,0 +1,112 @@
+"""Side-by-side wall time of the C++ kernels from two builds of tcsm_kernels (e.g. before and
+after a change), interleaved so that both see the same machine load.
+
+    python benchmarks/compare_cpu_kernels.py BASE_ROOT NEW_ROOT [--rounds 3] [--rows 4096]
+
+Each ROOT is a directory holding a built ``tcsm_kernels`` package. Every round runs one worker
+process per build, alternating; a worker times (median of 5, after one warm-up) the copy
+bandwidth (dst.copy_(src), 8 N V bytes) and, at N x V float32 with 2 threads, forward+backward
+of fused_tcsm_loss(backend="cpp") for data kl (8 N V bytes: read logits, write grad), dense gkl
+distrib (12 N V: logits, teacher, grad), sparse gkl K=64 (8 N V), and ctmc_step (4 N V).
+Reported: per build the median over rounds of each worker's median, GB/s and the fraction of
+copy bandwidth it measured, and new / base time ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+CASES = {"copy": 8, "data_kl": 8, "dense_gkl_distrib": 12, "sparse_gkl_k64": 8, "ctmc_step": 4}
+
+
+def worker(root: str, rows: int, cols: int, reps: int) -> dict:
+    sys.path.insert(0, root)
+    import torch
+
+    import tcsm_kernels
+    from tcsm_kernels import ctmc_step, fused_tcsm_loss
+
+    assert tcsm_kernels.__file__.startswith(root), tcsm_kernels.__file__
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(rows, cols, generator=gen) * 3
+    teacher = torch.randn(rows, cols, generator=gen) * 3
+    target = torch.randint(0, cols, (rows,), generator=gen)
+    topk_idx = torch.randint(0, cols, (rows, 64), generator=gen)
+    topk_rho = torch.randn(rows, 64, generator=gen)
+    dst = torch.empty_like(logits)
+    x = torch.full((rows,), cols - 1, dtype=torch.int64)
+    jump = torch.full((rows,), 0.5)
+
+    def loss_step(**kw):
+        z = logits.detach().requires_grad_()
+        fused_tcsm_loss(z, target, backend="cpp", check=False, **kw).backward()
+
+    runs = {
+        "copy": lambda: dst.copy_(logits),
+        "data_kl": lambda: loss_step(divergence="kl"),
+        "dense_gkl_distrib": lambda: loss_step(teacher_logits=teacher, divergence="gkl",
+                                               objective="distrib"),
+        "sparse_gkl_k64": lambda: loss_step(teacher_topk=(topk_idx, topk_rho), divergence="gkl",
+                                            objective="score"),
+        "ctmc_step": lambda: ctmc_step(logits, x, jump, mask_id=cols - 1, backend="cpp",
+                                       check=False),
+    }
+    out = {}
+    for name, fn in runs.items():
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("base")
+    parser.add_argument("new")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--cols", type=int, default=32768)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.rows, args.cols, args.reps)))
+        return
+    results = {"base": [], "new": []}
+    for _ in range(args.rounds):
+        for label in ("base", "new"):
+            root = getattr(args, label)
+            proc = subprocess.run(
+                [sys.executable, __file__, args.base, args.new, "--worker", root,
+                 "--rows", str(args.rows), "--cols", str(args.cols), "--reps", str(args.reps)],
+                check=True, capture_output=True, text=True)
+            results[label].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    elements = args.rows * args.cols
+    med = {label: {name: statistics.median(r[name] for r in runs) for name in CASES}
+           for label, runs in results.items()}
+    print(f"N={args.rows} V={args.cols} float32, 2 threads, {args.rounds} interleaved rounds")
+    print(f"{'case':20s} {'base ms':>9s} {'GB/s':>6s} {'%copy':>6s} {'new ms':>9s} {'GB/s':>6s}"
+          f" {'%copy':>6s} {'new/base':>8s}")
+    for name, bytes_per in CASES.items():
+        row = [f"{name:20s}"]
+        for label in ("base", "new"):
+            t = med[label][name]
+            gbs = bytes_per * elements / t / 1e9
+            copy_gbs = CASES["copy"] * elements / med[label]["copy"] / 1e9
+            row.append(f"{t * 1e3:9.1f} {gbs:6.1f} {100 * gbs / copy_gbs:5.0f}%")
+        row.append(f"{med['new'][name] / med['base'][name]:8.3f}")
+        print(" ".join(row))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
