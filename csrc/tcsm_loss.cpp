@@ -293,6 +293,55 @@ float data_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
   return loss;
 }
 
+// Row constants of the dense distrib gradient pass (no pointers: see Row).
+struct DistribGradient {
+  float tau, inv_tau, limit;
+  float z_max, z_log_sum, u_max, u_log_sum, lse_gap;
+  float inv_v, ratio_excess, weight;
+};
+
+// Pass 2 of dense_distrib_row: gradient, KL and IS sums. kSharedExp (gkl, no r_y above the
+// clamp): q/p = exp(r) and q = p * (q/p), one exp fewer per column than exp(log q).
+template <class Format, Divergence kDivergence, bool kSharedExp>
+void dense_distrib_gradient(const typename Format::Storage* logits,
+                            const typename Format::Storage* teacher,
+                            typename Format::Storage* grad, const Shape& shape,
+                            const DistribGradient& coef, double& kl_sum, double& is_sum) {
+  constexpr bool kHasKL = kDivergence != Divergence::kIS;
+  constexpr bool kHasIS = kDivergence != Divergence::kKL;
+  // Locals, not struct fields, in the loop: grad's stores could alias the struct.
+  const float tau = coef.tau, inv_tau = coef.inv_tau, limit = coef.limit;
+  const float z_max = coef.z_max, z_log_sum = coef.z_log_sum;
+  const float u_max = coef.u_max, u_log_sum = coef.u_log_sum, lse_gap = coef.lse_gap;
+  const float inv_v = coef.inv_v, ratio_excess = coef.ratio_excess, w = coef.weight;
+  for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+    float block_kl = 0.f, block_is = 0.f;
+#pragma omp simd reduction(+ : block_kl, block_is)
+    for (int64_t k = begin; k < end; ++k) {
+      const float z = Format::load(logits[k]);
+      const float u = divide(Format::load(teacher[k]), tau, inv_tau);
+      const float p = fast_exp((z - z_max) - z_log_sum);
+      const float r = (u - z) - lse_gap;
+      const float ratio_k = kSharedExp ? fast_exp(r) : (kHasIS ? clamped_exp(r, limit) : 0.f);
+      float grad_k = 0.f;
+      if constexpr (kHasKL) {
+        // kl: loss sum_y q_y r_y; grad p - q
+        const float q = kSharedExp ? p * ratio_k : fast_exp((u - u_max) - u_log_sum);
+        grad_k += p - q;
+        block_kl += q * r;
+      }
+      if constexpr (kHasIS) {
+        // is: loss (1/V) sum_y [q_y/p_y - r_y - 1]; grad (1/V)(1 - q/p + p (S - V))
+        grad_k += inv_v * ((1.f - ratio_k) + p * ratio_excess);
+        block_is += (ratio_k - r) - 1.f;
+      }
+      grad[k] = Format::store(w * grad_k);
+    }
+    kl_sum += block_kl;
+    is_sum += block_is;
+  });
+}
+
 // SPEC 4.2, dense teacher, distrib objective; q = softmax(u / tau), r = log(q / p).
 // Pass 1: LSE of z and of u/tau and, for is/gkl, the online LSE of u/tau - z, which gives
 // sum_y q_y / p_y = exp(LSE(u/tau - z) - (LSE_u - LSE_z)) when no r_y reaches the clamp
@@ -359,35 +408,18 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch&) {
       ratio_excess = static_cast<float>(excess);
     }
   }
-  const float w = row.weight;
-  const float inv_v = 1.f / v;
+  const DistribGradient coef{tau,     inv_tau, limit,   z_max,        z_log_sum, u_max,
+                             u_log_sum, lse_gap, 1.f / v, ratio_excess, row.weight};
   double kl_sum = 0.0, is_sum = 0.0;
-  for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
-    float block_kl = 0.f, block_is = 0.f;
-#pragma omp simd reduction(+ : block_kl, block_is)
-    for (int64_t k = begin; k < end; ++k) {
-      const float z = Format::load(logits[k]);
-      const float u = divide(Format::load(teacher[k]), tau, inv_tau);
-      const float p = fast_exp((z - z_max) - z_log_sum);
-      const float r = (u - z) - lse_gap;
-      float grad_k = 0.f;
-      if constexpr (kHasKL) {
-        // kl: loss sum_y q_y r_y; grad p - q
-        const float q = fast_exp((u - u_max) - u_log_sum);
-        grad_k += p - q;
-        block_kl += q * r;
-      }
-      if constexpr (kHasIS) {
-        // is: loss (1/V) sum_y [q_y/p_y - r_y - 1]; grad (1/V)(1 - q/p + p (S - V))
-        const float ratio_k = clamped_exp(r, limit);
-        grad_k += inv_v * ((1.f - ratio_k) + p * ratio_excess);
-        block_is += (ratio_k - r) - 1.f;
-      }
-      grad[k] = Format::store(w * grad_k);
-    }
-    kl_sum += block_kl;
-    is_sum += block_is;
-  });
+  // gkl needs q and q/p: with no r_y above the clamp, q/p = exp(r) and q = p exp(r) share one
+  // exp. Where p flushes to 0 (below FLT_MIN), q = p exp(r) < e^limit FLT_MIN flushes with it.
+  if (kHasKL && kHasIS && ratio_stats.max - lse_gap <= limit) {
+    dense_distrib_gradient<Format, kDivergence, true>(logits, teacher, grad, shape, coef, kl_sum,
+                                                      is_sum);
+  } else {
+    dense_distrib_gradient<Format, kDivergence, false>(logits, teacher, grad, shape, coef, kl_sum,
+                                                       is_sum);
+  }
   zero_mask_column<Format>(grad, shape);
   return static_cast<float>(kl_sum + is_sum / v);
 }
