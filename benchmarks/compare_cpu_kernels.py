@@ -7,7 +7,8 @@ Each ROOT is a directory holding a built ``tcsm_kernels`` package. Every round r
 process per build, alternating; a worker times (median of 5, after one warm-up) the copy
 bandwidth (dst.copy_(src), 8 N V bytes) and, at N x V float32 with 2 threads, forward+backward
 of fused_tcsm_loss(backend="cpp") for data kl (8 N V bytes: read logits, write grad), dense gkl
-distrib (12 N V: logits, teacher, grad), sparse gkl K=64 (8 N V), and ctmc_step (4 N V).
+distrib (12 N V: logits, teacher, grad), sparse gkl K=64 (8 N V), each as a default call and
+with the gradient written in place, and ctmc_step (4 N V).
 Reported: per build the median over rounds of each worker's median, GB/s and the fraction of
 copy bandwidth it measured, and new / base time ratios.
 """
@@ -20,7 +21,12 @@ import subprocess
 import sys
 import time
 
-CASES = {"copy": 8, "data_kl": 8, "dense_gkl_distrib": 12, "sparse_gkl_k64": 8, "ctmc_step": 4}
+LOSSES = {"data_kl": 8, "dense_gkl_distrib": 12, "sparse_gkl_k64": 8}
+# "<loss>": default call (reduction mean: a fresh (N, V) gradient, scaled by 1/N in backward);
+# "<loss>/inplace": inplace_backward=True, reduction sum (no allocation, no scaling pass; the
+# logits are restored, untimed, before each call): the kernel's own cost.
+CASES = {"copy": 8, **LOSSES, **{f"{name}/inplace": b for name, b in LOSSES.items()},
+         "ctmc_step": 4}
 
 
 def worker(root: str, rows: int, cols: int, reps: int) -> dict:
@@ -42,28 +48,46 @@ def worker(root: str, rows: int, cols: int, reps: int) -> dict:
     x = torch.full((rows,), cols - 1, dtype=torch.int64)
     jump = torch.full((rows,), 0.5)
 
+    scratch = torch.empty_like(logits)
+
     def loss_step(**kw):
         z = logits.detach().requires_grad_()
         fused_tcsm_loss(z, target, backend="cpp", check=False, **kw).backward()
 
-    runs = {
-        "copy": lambda: dst.copy_(logits),
-        "data_kl": lambda: loss_step(divergence="kl"),
-        "dense_gkl_distrib": lambda: loss_step(teacher_logits=teacher, divergence="gkl",
-                                               objective="distrib"),
-        "sparse_gkl_k64": lambda: loss_step(teacher_topk=(topk_idx, topk_rho), divergence="gkl",
-                                            objective="score"),
-        "ctmc_step": lambda: ctmc_step(logits, x, jump, mask_id=cols - 1, backend="cpp",
-                                       check=False),
+    def loss_step_inplace(**kw):
+        z = scratch.requires_grad_()
+        fused_tcsm_loss(z, target, backend="cpp", check=False, inplace_backward=True,
+                        reduction="sum", **kw).backward()
+        z.grad = None
+        z.requires_grad_(False)
+
+    def restore():
+        scratch.copy_(logits)
+
+    teacher_cases = {
+        "data_kl": dict(divergence="kl"),
+        "dense_gkl_distrib": dict(teacher_logits=teacher, divergence="gkl", objective="distrib"),
+        "sparse_gkl_k64": dict(teacher_topk=(topk_idx, topk_rho), divergence="gkl",
+                               objective="score"),
     }
+
+    runs = {"copy": (None, lambda: dst.copy_(logits))}
+    for name, kw in teacher_cases.items():
+        runs[name] = (None, lambda kw=kw: loss_step(**kw))
+    for name, kw in teacher_cases.items():
+        runs[f"{name}/inplace"] = (restore, lambda kw=kw: loss_step_inplace(**kw))
+    runs["ctmc_step"] = (None, lambda: ctmc_step(logits, x, jump, mask_id=cols - 1,
+                                                 backend="cpp", check=False))
     out = {}
-    for name, fn in runs.items():
-        fn()
+    for name, (prepare, fn) in runs.items():
         times = []
-        for _ in range(reps):
+        for rep in range(reps + 1):  # the first call warms up
+            if prepare is not None:
+                prepare()
             t0 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
+            if rep:
+                times.append(time.perf_counter() - t0)
         out[name] = statistics.median(times)
     return out
 
@@ -94,10 +118,10 @@ def main() -> None:
     med = {label: {name: statistics.median(r[name] for r in runs) for name in CASES}
            for label, runs in results.items()}
     print(f"N={args.rows} V={args.cols} float32, 2 threads, {args.rounds} interleaved rounds")
-    print(f"{'case':20s} {'base ms':>9s} {'GB/s':>6s} {'%copy':>6s} {'new ms':>9s} {'GB/s':>6s}"
+    print(f"{'case':26s} {'base ms':>9s} {'GB/s':>6s} {'%copy':>6s} {'new ms':>9s} {'GB/s':>6s}"
           f" {'%copy':>6s} {'new/base':>8s}")
     for name, bytes_per in CASES.items():
-        row = [f"{name:20s}"]
+        row = [f"{name:26s}"]
         for label in ("base", "new"):
             t = med[label][name]
             gbs = bytes_per * elements / t / 1e9
