@@ -3,8 +3,8 @@
 // Vectorisation (g++ 12 -O3 -mavx2 -mfma -fopt-info-vec): every column loop (block max, exp
 // sums, gradient stores) reports "loop vectorized using 32 byte vectors", and objdump shows ymm
 // code in every kernel that has column loops; the sparse entry loops (gathers) stay scalar.
-// The report alone misled twice: GCC 12 threads fast_exp's overflow path into a constant
-// FLT_MAX-scale * 2 which, under the default -ftrapping-math, blocks if-conversion of every
+// The report alone misled twice: under the default -ftrapping-math GCC 12 counts fast_exp's
+// selected overflow value (x + inf) as possibly trapping, which blocks if-conversion of every
 // loop that stores an exp (hence the pragma below: FP exception flags are never read here and
 // it changes no value), and loops reading pointers from a struct were "vectorized" into dead
 // code (hence the local pointer copies in each kernel).
