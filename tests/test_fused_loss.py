@@ -201,3 +201,14 @@ def test_bad_input(bad, match):
 def test_public_api_exports():
     for name in ("fused_tcsm_loss", "TCSMLoss", "reference", "schedules", "processes"):
         assert hasattr(tcsm_kernels, name)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+@pytest.mark.parametrize("shape,dtype", [((3, 5), torch.float32), ((1024, 700), torch.bfloat16),
+                                         ((0, 4096), torch.float16)])
+def test_hugepage_gradient_buffer(shape, dtype):
+    """The CPU gradient buffer: right shape/dtype, contiguous, writable, freed with the tensor."""
+    buf = torch.ops.tcsm.empty_hugepage_cpu(list(shape), dtype)
+    assert buf.shape == shape and buf.dtype == dtype and buf.is_contiguous()
+    buf.fill_(2)
+    assert torch.all(buf == 2)

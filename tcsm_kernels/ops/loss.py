@@ -61,6 +61,21 @@ def _loss_rows_inplace_fake(logits, *args):
     return logits.new_empty(logits.shape[:1], dtype=torch.float32)
 
 
+if _backend.cpp_available():
+    @torch.library.register_fake("tcsm::empty_hugepage_cpu")
+    def _empty_hugepage_fake(size, dtype):
+        return torch.empty(size, dtype=dtype)
+
+
+def _gradient_buffer(logits: torch.Tensor) -> torch.Tensor:
+    """(N, V) buffer for the kernel's gradient. On CPU it is backed by transparent huge pages:
+    first-touch page faults of a fresh 4 KiB-page buffer cost several times the kernel itself
+    (csrc/hugepage_buffer_op.cpp)."""
+    if logits.device.type == "cpu" and _backend.cpp_available():
+        return torch.ops.tcsm.empty_hugepage_cpu(logits.shape, logits.dtype)
+    return torch.empty_like(logits)
+
+
 class _FusedTCSMLoss(torch.autograd.Function):
     """Row losses (N,) from logits (N, V); backward = kept gradient * per-row upstream grad."""
 
@@ -72,7 +87,7 @@ class _FusedTCSMLoss(torch.autograd.Function):
                 logits, target, weight, teacher_logits, topk_indices, topk_log_ratios, *options)
             grad = logits
         else:
-            grad = torch.empty_like(logits)
+            grad = _gradient_buffer(logits)
             rows = torch.ops.tcsm.tcsm_loss_rows(
                 logits, target, weight, teacher_logits, topk_indices, topk_log_ratios, grad,
                 *options)
