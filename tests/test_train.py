@@ -18,9 +18,10 @@ from tcsm_kernels.train.data import TokenCorpus, Vocabulary, entropies, prepare_
 from tcsm_kernels.train.evaluate import position_nelbo
 from tcsm_kernels.train.loss_bench import format_table, loss_table
 from tcsm_kernels.train.progress import read_metrics
+from tcsm_kernels.train.run import TrainConfig
 
 TINY = ["--seq-len", "16", "--d-model", "32", "--n-layers", "1", "--n-heads", "2",
-        "--batch-size", "8", "--warmup", "2", "--quiet", "--threads", "1"]
+        "--batch-size", "8", "--warmup", "2", "--eval-every", "0", "--quiet", "--threads", "1"]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -150,7 +151,7 @@ def test_empty_corpus_and_existing_run_are_refused(tmp_path, capsys):
     assert train(run, "--steps", "4") == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["train", "--out", str(run), "--resume", "--lr", "1.0"]) == 2
-    assert "--lr 1.0 (run: 0.003)" in capsys.readouterr().err
+    assert f"--lr 1.0 (run: {TrainConfig().lr})" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..schedules import SCHEDULES
 from .checkpoint import CheckpointError
 from .data import VOCABULARIES, DataError
 from .run import DIVERGENCES, DTYPES, PROCESSES, TIME_WEIGHTS, ConfigError, TrainConfig
@@ -28,7 +29,7 @@ CONFIG_OPTIONS = [
     ("vocab", str, VOCABULARIES, "text8: a-z and space; char: every character; byte: 256 bytes"),
     ("val_fraction", float, None, "final fraction of the corpus held out for validation"),
     ("process", str, PROCESSES, "forward noising process"),
-    ("schedule", str, ("linear", "cosine", "polynomial", "loglinear"), "kappa(t) schedule"),
+    ("schedule", str, tuple(SCHEDULES), "kappa(t) schedule"),
     ("divergence", str, DIVERGENCES, "TCSM divergence of the data-target loss"),
     ("time_weight", str, TIME_WEIGHTS,
      "elbo: weight w(t) per loss position, / all positions; none: mean over loss positions"),
@@ -64,7 +65,8 @@ def _add_train_parser(sub) -> None:
     for name, kind, choices, text in CONFIG_OPTIONS:
         flag = "--" + name.replace("_", "-")
         default = getattr(DEFAULTS, name)
-        text = f"{text} (default: {default})"
+        if default is not None:
+            text = f"{text} (default: {default})"
         if kind is argparse.BooleanOptionalAction:
             parser.add_argument(flag, action=kind, default=argparse.SUPPRESS, help=text)
         else:

@@ -12,6 +12,7 @@ file) and ``byte`` (256 byte values). The masked process appends one mask token 
 from __future__ import annotations
 
 import codecs
+import itertools
 import json
 import math
 import os
@@ -52,10 +53,7 @@ class Vocabulary:
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids (n,) of a short text (a prompt), cleaned the way the corpus was."""
-        data = text.encode("utf-8")
-        if self.kind == "byte":
-            return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
-        ids = np.concatenate([np.zeros(0, np.int64), *_encoder(self)(data, True)])
+        ids = _encoder(self)(text.encode("utf-8"), True).astype(np.int64)
         if (ids < 0).any():
             raise DataError(f"{text!r} holds characters outside the corpus vocabulary")
         return ids
@@ -68,7 +66,8 @@ class Vocabulary:
         return "".join(self.symbols[i] if i < len(self.symbols) else "_" for i in ids)
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "symbols": None if self.kind == "byte" else "".join(self.symbols)}
+        symbols = None if self.kind == "byte" else "".join(self.symbols)
+        return {"kind": self.kind, "symbols": symbols}
 
     @classmethod
     def from_json(cls, data: dict) -> "Vocabulary":
@@ -108,7 +107,8 @@ def _codepoints(decoder, chunk: bytes, final: bool) -> np.ndarray:
 
 
 def _encoder(vocab: Vocabulary):
-    """A function (chunk, final) -> iterator of id arrays that carries state across chunks."""
+    """A function (bytes chunk, final) -> ids of the symbols it completes; it carries state
+    across chunks (a run of spaces, a character split between chunks)."""
     if vocab.kind == "text8":
         table = _text8_table()
         previous_space = [False]
@@ -119,10 +119,10 @@ def _encoder(vocab: Vocabulary):
             before = np.concatenate([[previous_space[0]], space[:-1]])
             if len(ids):
                 previous_space[0] = bool(space[-1])
-            yield ids[~(space & before)]
+            return ids[~(space & before)]
         return encode_text8
     if vocab.kind == "byte":
-        return lambda chunk, final: iter([np.frombuffer(chunk, dtype=np.uint8)])
+        return lambda chunk, final: np.frombuffer(chunk, dtype=np.uint8)
     decoder = codecs.getincrementaldecoder("utf-8")()
     points = np.array([ord(s) for s in vocab.symbols], dtype=np.uint32)
 
@@ -130,7 +130,7 @@ def _encoder(vocab: Vocabulary):
         cps = _codepoints(decoder, chunk, final)
         ids = np.searchsorted(points, cps)
         unknown = (ids >= len(points)) | (points[np.minimum(ids, len(points) - 1)] != cps)
-        yield np.where(unknown, -1, ids)  # -1 only in prompts: the corpus defines the symbols
+        return np.where(unknown, -1, ids)  # -1 only in prompts: the corpus defines the symbols
     return encode_char
 
 
@@ -162,11 +162,9 @@ def tokenize(source, vocab_kind: str, path: Path) -> Tuple[Vocabulary, int]:
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as out:
-            for chunk in _read_chunks(source):
-                for ids in encode(chunk, False):
-                    out.write(ids.astype(vocab.dtype).tobytes())
-                    count += len(ids)
-            for ids in encode(b"", True):
+            pieces = itertools.chain(((c, False) for c in _read_chunks(source)), [(b"", True)])
+            for chunk, final in pieces:
+                ids = encode(chunk, final)
                 out.write(ids.astype(vocab.dtype).tobytes())
                 count += len(ids)
             out.flush()

@@ -70,10 +70,10 @@ def nelbo_bits(model, split: np.ndarray, process, mask_id: Optional[int], *, seq
     for j, begin in enumerate(range(0, len(starts), batch_size)):
         x1 = read_windows(split, starts[begin:begin + batch_size], seq_len)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + j)
-        offset = torch.rand(len(x1), generator=generator)
+        shift = torch.rand(len(x1), generator=generator)
         total = torch.zeros(len(x1), dtype=torch.float64)
         for k in range(time_samples):
-            t = (k + offset) / time_samples
+            t = (k + shift) / time_samples
             x_t = process.sample(x1, t, generator=generator)
             weight = process.schedule.time_weight(t)[:, None]
             with cast:

@@ -36,10 +36,13 @@ def _reset_peak() -> bool:
 
 def measure(loss_fn: Callable, logits: torch.Tensor, target: torch.Tensor, repeats: int,
             **options) -> dict:
-    """Median seconds and peak extra bytes (None if unmeasurable) of loss_fn(...).backward()."""
+    """Median seconds and peak extra bytes (None if unmeasurable) of loss_fn(...).backward().
+
+    One untimed call first pays the one-time costs (loading, dispatch caches, first touch).
+    """
     cuda = logits.device.type == "cuda"
     seconds, extra = [], []
-    for run in range(repeats + 1):  # run 0 warms up
+    for run in range(repeats + 1):  # run 0 warms up, untimed
         logits.grad = None
         if cuda:
             torch.cuda.synchronize()

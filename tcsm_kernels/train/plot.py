@@ -29,8 +29,8 @@ def plot_run(run_dir: Path, output: Path) -> Path:
               for i in range(len(losses))]
     left.plot(steps, losses, alpha=0.3, label="per step")
     left.plot(steps, smooth, label=f"mean of {window}")
-    left.set(xlabel="step", ylabel=f"training loss ({config.divergence}, {config.time_weight} "
-             "weighting)", title="training loss")
+    left.set(xlabel="step", ylabel="nats",
+             title=f"training loss ({config.divergence}, {config.time_weight} weighting)")
     left.legend()
     corpus = TokenCorpus(run_dir, config.val_fraction)
     unigram, bigram = entropies(corpus.val, corpus.vocab.size)

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,28 +103,40 @@ def make_batch(config: TrainConfig, corpus: TokenCorpus, process, step: int,
                      None if weight is None else weight[rows], normalizer / world.size)
 
 
-def _start_run(config: TrainConfig, run_dir: Path, world: distributed.World) -> None:
-    """Create the run directory with its corpus and config (rank 0); all ranks fail together."""
-    error = None
-    if world.is_main:
-        created = not run_dir.exists()
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            prepare_corpus(run_dir, config.data, config.vocab, config.val_fraction, config.seq_len)
-            save_config(run_dir, config)
-        except (DataError, OSError) as err:
-            if created:
-                shutil.rmtree(run_dir, ignore_errors=True)
-            error = str(err)
-    error = distributed.share_error(world, error)
-    if error:
-        raise DataError(error)
-
-
 def check_new_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise ConfigError(f"--out {run_dir} already exists and is not empty; resume that run "
                           f"with --resume, or choose another --out")
+
+
+def _create_run(config: TrainConfig, run_dir: Path) -> None:
+    """A new run directory with its corpus and config; on failure nothing is left behind."""
+    check_new_run_dir(run_dir)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        prepare_corpus(run_dir, config.data, config.vocab, config.val_fraction, config.seq_len)
+        save_config(run_dir, config)
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _start_run(config: TrainConfig, run_dir: Path, world: distributed.World) -> None:
+    """Rank 0 creates the run; with several ranks, all of them fail together."""
+    if not world.distributed:
+        _create_run(config, run_dir)
+        return
+    error = None
+    if world.is_main:
+        try:
+            _create_run(config, run_dir)
+        except (ConfigError, DataError, OSError) as err:
+            error = str(err)
+    error = distributed.share_error(world, error)
+    if error:
+        raise ConfigError(error)
 
 
 class StopSignal:
@@ -134,8 +147,9 @@ class StopSignal:
         self.previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is threading.main_thread():  # signals need the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
@@ -155,9 +169,7 @@ def train(config: Optional[TrainConfig], session: Session) -> dict:
     if session.threads:
         torch.set_num_threads(session.threads)
     device = resolve_device(session.device)
-    if session.resume is None:
-        check_new_run_dir(run_dir)
-    else:
+    if session.resume is not None:
         config = read_config(run_dir)
     config.validate(int(os.environ.get("WORLD_SIZE", "1")), new_run=session.resume is None)
     world = distributed.setup(device)
@@ -295,8 +307,8 @@ class Trainer:
                 "step": self.step, "config": dataclasses.asdict(self.config),
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                "rng": {"torch": torch.get_rng_state(), "cuda": (
+                    torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])},
                 "data_position": {"sequences_seen": self.step * self.config.batch_size},
                 "elapsed_s": self.elapsed()})
 

@@ -14,24 +14,31 @@ def format_seconds(seconds: float) -> str:
 
 class ProgressBar:
     """``step 120/400 [#####.....] loss 2.314  41.2k tok/s  ETA 0:00:45`` on stderr; redrawn in
-    place on a terminal, one line per update otherwise. Silent when ``enabled`` is false."""
+    place on a terminal, otherwise a new line at most every ``interval`` seconds (and at the
+    last step). Silent when ``enabled`` is false."""
 
-    def __init__(self, total_steps: int, first_step: int, enabled: bool, width: int = 20):
+    def __init__(self, total_steps: int, first_step: int, enabled: bool, width: int = 20,
+                 interval: float = 10.0):
         self.total = total_steps
         self.first = first_step
         self.enabled = enabled
         self.width = width
-        self.started = time.perf_counter()
+        self.interval = interval
+        self.started = self.last_line = time.perf_counter()
         self.tty = sys.stderr.isatty()
 
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:
-        if not self.enabled:
+        now = time.perf_counter()
+        if not self.enabled or not (self.tty or step == self.total
+                                    or now - self.last_line >= self.interval):
             return
+        self.last_line = now
         done = step / self.total
-        per_step = (time.perf_counter() - self.started) / max(step - self.first, 1)
+        per_step = (now - self.started) / max(step - self.first, 1)
         bar = "#" * int(done * self.width)
+        eta = format_seconds(per_step * (self.total - step))
         line = (f"step {step}/{self.total} [{bar:.<{self.width}}] loss {loss:.4f}  "
-                f"{tokens_per_s / 1e3:.1f}k tok/s  ETA {format_seconds(per_step * (self.total - step))}")
+                f"{tokens_per_s / 1e3:.1f}k tok/s  ETA {eta}")
         sys.stderr.write(("\r" + line) if self.tty else line + "\n")
         sys.stderr.flush()
 

@@ -19,10 +19,11 @@ def generate(trained: TrainedRun, *, method: Optional[str] = None, steps: int = 
     fixed at the start); uniform runs start from uniform noise. ``method``: exact, euler or
     confidence (masked runs; default exact) or uniform (uniform runs)."""
     config, vocab = trained.config, trained.corpus.vocab
-    method = method or ("exact" if config.masked else "uniform")
-    if (method == "uniform") == config.masked:
-        raise ValueError(f"method {method!r} does not fit a {config.process} run; use "
-                         f"{'one of ' + ', '.join(MASKED_METHODS) if config.masked else 'uniform'}")
+    allowed = MASKED_METHODS if config.masked else ("uniform",)
+    method = method or allowed[0]
+    if method not in allowed:
+        raise ValueError(f"a {config.process} run samples with {', '.join(allowed)}; "
+                         f"got {method!r}")
     if steps <= 0 or num <= 0:
         raise ValueError("steps and num must be > 0")
     schedule = get_schedule(config.schedule)
