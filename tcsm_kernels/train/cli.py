@@ -6,6 +6,8 @@
   tcsm eval --run runs/a                     validation NELBO beside n-gram entropies
   tcsm sample --run runs/a --method exact    generate text
   tcsm plot --run runs/a                     loss and validation curves (PNG)
+  tcsm train-ar / distill / compare-distill  AR teacher and top-K distillation (SPEC 6)
+  tcsm finetune / sweep-beta                 reward fine-tuning against a frozen reference
 """
 from __future__ import annotations
 
@@ -206,10 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train, evaluate and sample in a few minutes on CPU")
     p.add_argument("--out", default=None, help="keep the runs here (default: a temporary "
                    "directory, removed at the end)")
-    p.add_argument("--train-seconds", type=_positive(float), default=150.0)
+    p.add_argument("--train-seconds", type=_positive(float), default=140.0,
+                   help="training time the step count is calibrated for")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-bench", action="store_true", help="skip the fused-vs-reference table")
     p.set_defaults(func=_demo)
+
+    from .post_cli import add_post_training_commands  # imported here: it reuses this module
+    add_post_training_commands(sub)
     return parser
 
 
