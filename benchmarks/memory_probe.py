@@ -2,11 +2,9 @@
 python benchmarks/memory_probe.py IMPL CASE N V -> one JSON line.
 
 The logits are an activation, as after an LM head: hidden (N, 64) @ W (64, V). The baseline is
-the resident size after that forward; the result is the peak RSS during loss + backward minus
-that baseline (conservative: an earlier, higher peak could only inflate it)."""
-import os
+the resident size after that forward (with the kernel's peak counter reset there); the result
+is the peak RSS during loss + backward minus that baseline."""
 import json
-import resource
 import sys
 
 import torch
@@ -15,13 +13,20 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import loss_case, loss_impl  # noqa: E402
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def status_bytes(field: str) -> int:
+    """A VmRSS/VmHWM-style field of /proc/self/status, in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0). Needed because a process started by
+    fork + exec inherits its parent's peak, which would otherwise hide the child's own."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
 
 
 def main(impl, case, rows, vocab):
@@ -37,9 +42,10 @@ def main(impl, case, rows, vocab):
     fn(small, target[:8], **loss_case(case, 8, vocab)[2]).backward()
     head.grad = None
     logits = hidden @ head
-    before = current_rss_bytes()
+    reset_peak_rss()
+    before = status_bytes("VmRSS")
     fn(logits, target, **kw).backward()
-    extra = peak_rss_bytes() - before
+    extra = status_bytes("VmHWM") - before
     print(json.dumps({"extra_bytes": extra, "logits_bytes": rows * vocab * 4}))
 
 

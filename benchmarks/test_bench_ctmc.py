@@ -98,7 +98,8 @@ class ToyDenoiser(torch.nn.Module):
 def test_sampler_tokens_per_second(benchmark, device, ceiling_gbs, cache):
     from tcsm_kernels.sampling import sample_masked
 
-    vocab, batch, length, steps = 2048, 16, 128, 256
+    # more steps than tokens per sequence: many steps change no token, which caching skips
+    vocab, batch, length, steps = 2048, 4, 64, 512
     model = ToyDenoiser(vocab).to(device)
     x_init = torch.full((batch, length), MASK_ID, device=device)
     benchmark.group = "sampler loop"

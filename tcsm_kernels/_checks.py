@@ -87,19 +87,20 @@ def resolve_check(check: Optional[bool], device: torch.device) -> bool:
     return device.type == "cpu" if check is None else bool(check)
 
 
-def finite_rows(row_loss: torch.Tensor, inp: "LossInputs", check: bool) -> None:
-    """Checked mode, O(N): NaN/+inf in the logits or teacher logits of a loss-carrying row
-    makes that row's loss non-finite (the kernels never produce one from finite inputs), so
-    inspecting the (N,) result replaces a separate pass over (N, V). -inf logits are allowed."""
-    if not check or row_loss.numel() == 0 or bool(torch.isfinite(row_loss).all()):
+def finite_rows(row_values: torch.Tensor, inputs, check: bool) -> None:
+    """Checked mode in O(N): NaN or +inf in a row of the (N, V) inputs makes that row's (N,)
+    result (a loss, an entropy) non-finite -- the kernels never produce one from finite inputs --
+    so inspecting the result replaces a separate pass over (N, V). -inf logits are allowed.
+    ``inputs``: (name, (N, V) tensor or None) pairs, searched for the culprit."""
+    if not check or row_values.numel() == 0 or bool(torch.isfinite(row_values).all()):
         return
-    row = int((~torch.isfinite(row_loss)).nonzero()[0, 0])
-    for name, values in (("logits", inp.logits), ("teacher_logits", inp.teacher_logits)):
-        if values is not None and bool(torch.isnan(values[row]).any() | (values[row] == float("inf")).any()):
+    row = int((~torch.isfinite(row_values)).nonzero()[0, 0])
+    for name, values in inputs:
+        if values is not None and bool((torch.isnan(values[row]) | (values[row] == float("inf"))).any()):
             raise ValueError(f"{name} contains NaN or +inf (row {row}); pass check=False to skip "
                              "this check")
-    raise ValueError(f"the loss of row {row} is not finite although its inputs are; please report "
-                     "this with the inputs")
+    raise ValueError(f"the result of row {row} is not finite although its inputs are; please "
+                     "report this with the inputs")
 
 
 @dataclass
@@ -268,7 +269,6 @@ def step_inputs(logits, x, jump_prob, *, mask_id, temperature, frozen, seed, off
         ids_in_range("x", flat_x, vocab)
         if flat_jump.numel() and bool(((flat_jump < 0) | (flat_jump > 1) | flat_jump.isnan()).any()):
             raise ValueError("jump_prob must lie in [0, 1]")
-        finite("logits", flat_logits)
     return flat_logits, flat_x, flat_jump, (None if frozen is None else frozen.reshape(rows)), \
         batch_shape, mask_id
 

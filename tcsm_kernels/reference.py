@@ -142,7 +142,8 @@ def tcsm_loss(logits, target, *, teacher_logits=None, teacher_topk=None, diverge
                        temperature=float(temperature), ignore_index=ignore_index, tail=tail,
                        max_log_ratio=float(max_log_ratio))
     active = inp.target != ignore_index
-    _checks.finite_rows(torch.where(active, rows, 0), inp,
+    _checks.finite_rows(torch.where(active, rows, 0),
+                        (("logits", inp.logits), ("teacher_logits", inp.teacher_logits)),
                         _checks.resolve_check(check, inp.logits.device))
     scale = active.to(rows.dtype)
     if inp.weight is not None:
@@ -220,6 +221,7 @@ def ctmc_step(logits, x, jump_prob, *, mask_id=None, temperature=1.0, frozen=Non
     weights = torch.exp(scaled - scaled.max(dim=1, keepdim=True).values)
     cdf = weights.cumsum(dim=1)
     total = cdf[:, -1:]
+    _checks.finite_rows(total[:, 0], (("logits", z),), _checks.resolve_check(check, z.device))
     # u < 1 - 2**-33, so u * total < cdf[-1] in float64: the first column whose cdf exceeds it
     # exists and has positive weight (the mask column, of weight 0, is never picked).
     x1 = torch.searchsorted(cdf, u_draw[:, None] * total, right=True)[:, 0]

@@ -539,3 +539,20 @@ def test_triton_kernels_compile_for_hopper():
     result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, text=True,
                             capture_output=True, timeout=300, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + backends_for("cpu"))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_one_bad_logit_raises_from_the_row_statistics(backend, bad, request):
+    """Checked mode finds a single NaN/+inf logit from the (N,) outputs (no (N, V) pass); -inf
+    is a legitimate 'never draw' logit and passes."""
+    device = request.getfixturevalue("triton_device") if backend == "triton" else "cpu"
+    logits = torch.randn(3, 6, device=device)
+    x = torch.zeros(3, dtype=torch.long, device=device)
+    jump = torch.tensor(0.5, device=device)
+    logits[1, 2] = bad
+    with pytest.raises(ValueError, match="logits"):
+        ctmc_step(logits, x, jump, mask_id=0, backend=backend)
+    logits[1, 2] = float("-inf")
+    out = ctmc_step(logits, x, jump, mask_id=0, backend=backend)
+    assert out[1] != 2

@@ -68,7 +68,8 @@ def ctmc_step(logits: torch.Tensor, x: torch.Tensor, jump_prob: torch.Tensor, *,
     reproducible: results depend on (seed, offset, row), not on thread count.
 
     ``check`` (default: on for CPU tensors, off on CUDA and while ``torch.compile`` traces)
-    validates x ids, jump_prob in [0, 1] and finite logits. Unchecked, a row whose x is outside
+    validates x ids and jump_prob in [0, 1] (O(N)) and raises on NaN/+inf logits, found from
+    the (N,) entropies without an extra pass over (N, V). Unchecked, a row whose x is outside
     [0, V) is never read out of bounds and keeps its x (x_next = x); non-finite logits give
     valid but meaningless ids. ``backend``: "auto", "cpp", "triton" or "reference".
     """
@@ -82,10 +83,13 @@ def ctmc_step(logits: torch.Tensor, x: torch.Tensor, jump_prob: torch.Tensor, *,
         return reference.ctmc_step(logits, x, jump_prob, mask_id=mask_id, temperature=temperature,
                                    frozen=frozen, seed=seed, offset=offset, return_x1=return_x1,
                                    return_confidence=return_confidence, backend="reference",
-                                   check=False)
+                                   check=check)
     outputs = _ctmc_step_op(
         flat_logits.detach(), flat_x.to(torch.int64).contiguous(),
         jump.to(torch.float64).contiguous(),
         None if flat_frozen is None else flat_frozen.contiguous(),
         NO_MASK if mask_id is None else mask_id, float(temperature), seed, offset, chosen)
+    # NaN/+inf logits make the row's entropy non-finite: checked from (N,), no pass over (N, V)
+    _checks.finite_rows(outputs[4], (("logits", flat_logits),),
+                        _checks.resolve_check(check, logits.device))
     return reference.step_result(*outputs, batch_shape, return_x1, return_confidence)

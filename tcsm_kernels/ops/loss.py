@@ -171,7 +171,8 @@ def fused_tcsm_loss(logits, target, *, teacher_logits=None, teacher_topk=None, d
     rows = _FusedTCSMLoss.apply(flat_logits, inp.target.to(torch.int64).contiguous(),
                                 weight_rows, teacher, topk_indices, topk_log_ratios, options,
                                 bool(inplace_backward))
-    _checks.finite_rows(rows, inp, _checks.resolve_check(check, logits.device))
+    _checks.finite_rows(rows, (("logits", inp.logits), ("teacher_logits", inp.teacher_logits)),
+                        _checks.resolve_check(check, logits.device))
     return rows.reshape(inp.batch_shape) if reduction == "none" else rows.sum()
 
 
