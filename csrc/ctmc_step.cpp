@@ -25,54 +25,19 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "fast_exp.h"
 #include "philox.h"
+#include "storage.h"
 
 namespace tcsm {
 namespace {
 
 constexpr int64_t kBlock = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-TCSM_INLINE uint32_t float_to_bits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return bits;
-}
-
-// Logit storage types, each widened to float32 on load.
-struct Float32 {
-  using Storage = float;
-  static TCSM_INLINE float widen(float value) { return value; }
-};
-
-struct BFloat16 {
-  using Storage = uint16_t;
-  // bfloat16 is the upper half of a float32.
-  static TCSM_INLINE float widen(uint16_t bits) {
-    return bits_to_float(static_cast<int32_t>(static_cast<uint32_t>(bits) << 16));
-  }
-};
-
-struct Float16 {
-  using Storage = uint16_t;
-  static TCSM_INLINE float widen(uint16_t bits) {
-    const uint32_t sign = (static_cast<uint32_t>(bits) & 0x8000u) << 16;
-    const uint32_t magnitude = static_cast<uint32_t>(bits) & 0x7fffu;
-    // Exponent and mantissa moved to the float32 fields read as 2^-112 times the half value,
-    // for normal and subnormal halves alike; one exact multiply by 2^112 restores it.
-    const float finite = bits_to_float(static_cast<int32_t>(magnitude << 13)) * 0x1p112f;
-    // Infinity and NaN (exponent all ones) keep their mantissa under an all-ones exponent.
-    const uint32_t value_bits =
-        magnitude >= 0x7c00u ? (magnitude << 13) | 0x7f800000u : float_to_bits(finite);
-    return bits_to_float(static_cast<int32_t>(value_bits | sign));
-  }
-};
 
 // One block of columns after pass 1.
 struct BlockStats {
@@ -250,17 +215,7 @@ void step_rows(const CtmcStepArgs& args) {
 }  // namespace
 
 void ctmc_step(const CtmcStepArgs& args) {
-  switch (args.dtype) {
-    case LogitsDtype::kFloat32:
-      step_rows<Float32>(args);
-      break;
-    case LogitsDtype::kBFloat16:
-      step_rows<BFloat16>(args);
-      break;
-    case LogitsDtype::kFloat16:
-      step_rows<Float16>(args);
-      break;
-  }
+  with_storage(args.dtype, [&]<class Elem>() { step_rows<Elem>(args); });
 }
 
 }  // namespace tcsm

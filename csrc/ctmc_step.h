@@ -6,13 +6,13 @@
 #pragma once
 #include <cstdint>
 
-namespace tcsm {
+#include "storage.h"
 
-enum class LogitsDtype { kFloat32, kBFloat16, kFloat16 };
+namespace tcsm {
 
 struct CtmcStepArgs {
   const void* logits;        // (rows, cols), element (n, v) at logits[n * row_stride + v]
-  LogitsDtype dtype;
+  StorageDtype dtype;
   int64_t rows;
   int64_t cols;
   int64_t row_stride;

@@ -10,22 +10,9 @@
 
 #include "ctmc_step.h"
 #include "philox.h"
+#include "storage_op.h"
 
 namespace {
-
-tcsm::LogitsDtype logits_dtype(const at::Tensor& logits) {
-  switch (logits.scalar_type()) {
-    case at::kFloat:
-      return tcsm::LogitsDtype::kFloat32;
-    case at::kBFloat16:
-      return tcsm::LogitsDtype::kBFloat16;
-    case at::kHalf:
-      return tcsm::LogitsDtype::kFloat16;
-    default:
-      TORCH_CHECK(false, "ctmc_step: logits must be float32, bfloat16 or float16, got ",
-                  logits.scalar_type());
-  }
-}
 
 void check_rows(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t rows) {
   TORCH_CHECK(t.device().is_cpu(), "ctmc_step: ", name, " must be a CPU tensor");
@@ -65,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctmc_step
 
   tcsm::CtmcStepArgs args{};
   args.logits = values.data_ptr();
-  args.dtype = logits_dtype(values);
+  args.dtype = tcsm::storage_dtype(values, "ctmc_step", "logits");
   args.rows = rows;
   args.cols = cols;
   args.row_stride = values.stride(0);

@@ -42,6 +42,12 @@ TCSM_INLINE int32_t float_to_int_bits(float x) {
   return bits;
 }
 
+TCSM_INLINE uint32_t float_to_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
+}
+
 TCSM_INLINE float fast_exp(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kRound = 0x1.8p23f;            // 1.5 * 2^23

@@ -23,6 +23,7 @@
 #include <omp.h>
 
 #include "fast_exp.h"
+#include "storage.h"
 
 namespace tcsm {
 namespace {
@@ -34,67 +35,6 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr int64_t kBlock = 512;
 // Elements (rows x columns) below which a call stays on one thread.
 constexpr int64_t kMinParallelWork = int64_t{1} << 16;
-
-TCSM_INLINE uint32_t float_bits(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  return bits;
-}
-
-TCSM_INLINE float float_from_bits(uint32_t bits) {
-  return bits_to_float(static_cast<int32_t>(bits));
-}
-
-// Storage formats of logits, teacher logits and gradient. Loads widen to float32, stores round
-// to nearest even; both are branch-free so that the column loops vectorise.
-struct Float32 {
-  using Storage = float;
-  static TCSM_INLINE float load(float x) { return x; }
-  static TCSM_INLINE float store(float x) { return x; }
-};
-
-// bfloat16 is the upper half of a float32.
-struct BFloat16 {
-  using Storage = uint16_t;
-  static TCSM_INLINE float load(uint16_t x) { return float_from_bits(uint32_t{x} << 16); }
-  static TCSM_INLINE uint16_t store(float x) {
-    const uint32_t bits = float_bits(x);
-    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    const uint32_t quiet_nan = (bits >> 16) | 0x40u;
-    return static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
-  }
-};
-
-// IEEE binary16 (sign, 5 exponent bits of bias 15, 10 mantissa bits), converted in integer
-// arithmetic: portable, and the build does not enable F16C.
-struct Float16 {
-  using Storage = uint16_t;
-  static TCSM_INLINE float load(uint16_t x) {
-    const uint32_t sign = (uint32_t{x} & 0x8000u) << 16;
-    const uint32_t magnitude = uint32_t{x} & 0x7fffu;
-    // normal: move the fields into place and add 127 - 15 to the exponent;
-    // subnormal: mantissa * 2^-24; inf/NaN: all-ones exponent, mantissa kept.
-    const float normal = float_from_bits((magnitude << 13) + (112u << 23));
-    const float subnormal = static_cast<float>(static_cast<int32_t>(magnitude)) * 0x1.0p-24f;
-    const float special = float_from_bits((magnitude << 13) | 0x7f800000u);
-    const float value = magnitude < 0x400u ? subnormal : (magnitude >= 0x7c00u ? special : normal);
-    return float_from_bits(float_bits(value) | sign);
-  }
-  static TCSM_INLINE uint16_t store(float x) {
-    const uint32_t bits = float_bits(x);
-    const uint32_t sign = (bits >> 16) & 0x8000u;
-    const uint32_t magnitude = bits & 0x7fffffffu;
-    // |x| >= 2^-14: rebias the exponent, round the 13 dropped bits to nearest even (a carry
-    // may reach the exponent; 65520 and up round to inf).
-    const uint32_t normal = (magnitude - (112u << 23) + 0xfffu + ((magnitude >> 13) & 1u)) >> 13;
-    // |x| < 2^-14: adding 0.5 leaves the half's subnormal step 2^-24 as the float ulp, so the
-    // float adder rounds, and the bits above those of 0.5 are the half mantissa.
-    const uint32_t subnormal = float_bits(float_from_bits(magnitude) + 0.5f) - 0x3f000000u;
-    const uint32_t finite = magnitude < 0x38800000u ? subnormal : normal;
-    const uint32_t overflowed = magnitude >= 0x47800000u ? 0x7c00u : finite;
-    return static_cast<uint16_t>(sign | (magnitude > 0x7f800000u ? 0x7e00u : overflowed));
-  }
-};
 
 // exp(min(x, limit)) (SPEC 4.5). The reference's autograd differentiates it as its own clamped
 // value, so the gradients below use the same clamped value in the analytic formulas.
@@ -184,7 +124,7 @@ struct Scratch {
 // Writes the mask column's gradient (always 0).
 template <class Format>
 TCSM_INLINE void zero_mask_column(typename Format::Storage* grad, const Shape& shape) {
-  if (shape.mask_id >= 0) grad[shape.mask_id] = Format::store(0.f);
+  if (shape.mask_id >= 0) grad[shape.mask_id] = Format::narrow(0.f);
 }
 
 // Float32 gradient rows hold exp(z - running max) between the two softmax passes, so that the
@@ -206,7 +146,7 @@ OnlineLogSumExp softmax_stats(const typename Format::Storage* logits,
     float local_max = -kInf;
 #pragma omp simd reduction(max : local_max)
     for (int64_t k = begin; k < end; ++k) {
-      const float z = Format::load(logits[k]);
+      const float z = Format::widen(logits[k]);
       local_max = z > local_max ? z : local_max;
     }
     const float max = stats.raise(local_max);
@@ -215,7 +155,7 @@ OnlineLogSumExp softmax_stats(const typename Format::Storage* logits,
     float block_shifted = 0.f;
 #pragma omp simd reduction(+ : block_sum, block_shifted)
     for (int64_t k = begin; k < end; ++k) {
-      const float z = Format::load(logits[k]);
+      const float z = Format::widen(logits[k]);
       const float e = fast_exp(z - max);
       block_sum += e;
       if constexpr (kShiftedSum) block_shifted += z - z_ref;
@@ -245,8 +185,8 @@ void write_affine_softmax(const typename Format::Storage* logits, typename Forma
     } else {
 #pragma omp simd
       for (int64_t k = begin; k < end; ++k) {
-        const float p = fast_exp((Format::load(logits[k]) - z_max) - z_log_sum);
-        grad[k] = Format::store(offset + slope * p);
+        const float p = fast_exp((Format::widen(logits[k]) - z_max) - z_log_sum);
+        grad[k] = Format::narrow(offset + slope * p);
       }
     }
   });
@@ -260,7 +200,7 @@ template <class Format, Divergence kDivergence>
 float data_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
   const auto* const logits = row.logits;
   auto* const grad = row.grad;
-  const float z_a = Format::load(logits[row.a]);
+  const float z_a = Format::widen(logits[row.a]);
   double shifted_sum = 0.0;  // sum_y (z_y - z_a)
   const OnlineLogSumExp student_stats = softmax_stats<Format, kDivergence != Divergence::kKL>(
       logits, grad, shape, scratch, z_a, shifted_sum);
@@ -288,7 +228,7 @@ float data_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
     }
   }
   write_affine_softmax<Format>(logits, grad, shape, scratch, student_stats, offset, slope);
-  grad[row.a] = Format::store(grad_a);
+  grad[row.a] = Format::narrow(grad_a);
   zero_mask_column<Format>(grad, shape);
   return loss;
 }
@@ -318,8 +258,8 @@ void dense_distrib_gradient(const typename Format::Storage* logits,
     float block_kl = 0.f, block_is = 0.f;
 #pragma omp simd reduction(+ : block_kl, block_is)
     for (int64_t k = begin; k < end; ++k) {
-      const float z = Format::load(logits[k]);
-      const float u = divide(Format::load(teacher[k]), tau, inv_tau);
+      const float z = Format::widen(logits[k]);
+      const float u = divide(Format::widen(teacher[k]), tau, inv_tau);
       const float p = fast_exp((z - z_max) - z_log_sum);
       const float r = (u - z) - lse_gap;
       const float ratio_k = kSharedExp ? fast_exp(r) : (kHasIS ? clamped_exp(r, limit) : 0.f);
@@ -335,7 +275,7 @@ void dense_distrib_gradient(const typename Format::Storage* logits,
         grad_k += inv_v * ((1.f - ratio_k) + p * ratio_excess);
         block_is += (ratio_k - r) - 1.f;
       }
-      grad[k] = Format::store(w * grad_k);
+      grad[k] = Format::narrow(w * grad_k);
     }
     kl_sum += block_kl;
     is_sum += block_is;
@@ -360,8 +300,8 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch&) {
     float max_z = -kInf, max_u = -kInf, max_x = -kInf;
 #pragma omp simd reduction(max : max_z, max_u, max_x)
     for (int64_t k = begin; k < end; ++k) {
-      const float z = Format::load(logits[k]);
-      const float u = divide(Format::load(teacher[k]), tau, inv_tau);
+      const float z = Format::widen(logits[k]);
+      const float u = divide(Format::widen(teacher[k]), tau, inv_tau);
       max_z = z > max_z ? z : max_z;
       max_u = u > max_u ? u : max_u;
       max_x = u - z > max_x ? u - z : max_x;
@@ -372,8 +312,8 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch&) {
     float sum_z = 0.f, sum_u = 0.f, sum_x = 0.f;
 #pragma omp simd reduction(+ : sum_z, sum_u, sum_x)
     for (int64_t k = begin; k < end; ++k) {
-      const float z = Format::load(logits[k]);
-      const float u = divide(Format::load(teacher[k]), tau, inv_tau);
+      const float z = Format::widen(logits[k]);
+      const float u = divide(Format::widen(teacher[k]), tau, inv_tau);
       sum_z += fast_exp(z - shift_z);
       sum_u += fast_exp(u - shift_u);
       if constexpr (kHasIS) sum_x += fast_exp((u - z) - shift_x);
@@ -399,8 +339,8 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch&) {
         float block_excess = 0.f;
 #pragma omp simd reduction(+ : block_excess)
         for (int64_t k = begin; k < end; ++k) {
-          const float z = Format::load(logits[k]);
-          const float u = divide(Format::load(teacher[k]), tau, inv_tau);
+          const float z = Format::widen(logits[k]);
+          const float u = divide(Format::widen(teacher[k]), tau, inv_tau);
           block_excess += clamped_exp((u - z) - lse_gap, limit) - 1.f;
         }
         excess += block_excess;
@@ -434,15 +374,15 @@ float dense_score_gkl_row(const Row<Format>& row, const Shape& shape, Scratch&) 
   const auto* const teacher = row.teacher;
   auto* const grad = row.grad;
   const float tau = shape.temperature, inv_tau = 1.f / tau;
-  const float z_a = Format::load(logits[row.a]);
-  const float u_a = divide(Format::load(teacher[row.a]), tau, inv_tau);
+  const float z_a = Format::widen(logits[row.a]);
+  const float u_a = divide(Format::widen(teacher[row.a]), tau, inv_tau);
   OnlineLogSumExp student_stats, teacher_stats;
   for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
     float max_z = -kInf, max_u = -kInf;
 #pragma omp simd reduction(max : max_z, max_u)
     for (int64_t k = begin; k < end; ++k) {
-      const float z = Format::load(logits[k]);
-      const float u = divide(Format::load(teacher[k]), tau, inv_tau);
+      const float z = Format::widen(logits[k]);
+      const float u = divide(Format::widen(teacher[k]), tau, inv_tau);
       max_z = z > max_z ? z : max_z;
       max_u = u > max_u ? u : max_u;
     }
@@ -451,8 +391,8 @@ float dense_score_gkl_row(const Row<Format>& row, const Shape& shape, Scratch&) 
     float sum_z = 0.f, sum_u = 0.f;
 #pragma omp simd reduction(+ : sum_z, sum_u)
     for (int64_t k = begin; k < end; ++k) {
-      sum_z += fast_exp(Format::load(logits[k]) - shift_z);
-      sum_u += fast_exp(divide(Format::load(teacher[k]), tau, inv_tau) - shift_u);
+      sum_z += fast_exp(Format::widen(logits[k]) - shift_z);
+      sum_u += fast_exp(divide(Format::widen(teacher[k]), tau, inv_tau) - shift_u);
     }
     student_stats.sum += sum_z;
     teacher_stats.sum += sum_u;
@@ -471,18 +411,18 @@ float dense_score_gkl_row(const Row<Format>& row, const Shape& shape, Scratch&) 
     float block_kl = 0.f;
 #pragma omp simd reduction(+ : block_kl)
     for (int64_t k = begin; k < end; ++k) {
-      const float z = Format::load(logits[k]);
-      const float u = divide(Format::load(teacher[k]), tau, inv_tau);
+      const float z = Format::widen(logits[k]);
+      const float u = divide(Format::widen(teacher[k]), tau, inv_tau);
       const float p = fast_exp((z - z_max) - z_log_sum);
       const float q = fast_exp((u - u_max) - u_log_sum);
       block_kl += q * ((u - z) - lse_gap);
-      grad[k] = Format::store(scale * (p * inv_pa - q * inv_qa));
+      grad[k] = Format::narrow(scale * (p * inv_pa - q * inv_qa));
     }
     kl_sum += block_kl;
   });
   const float one_minus_qa = -std::expm1(-log_inv_qa);
   const float one_minus_pa = -std::expm1(-log_inv_pa);
-  grad[row.a] = Format::store(scale * (one_minus_qa * inv_qa - one_minus_pa * inv_pa));
+  grad[row.a] = Format::narrow(scale * (one_minus_qa * inv_qa - one_minus_pa * inv_pa));
   zero_mask_column<Format>(grad, shape);
   const float kl = static_cast<float>(kl_sum);
   return ((kl + log_inv_qa - log_inv_pa) * inv_qa - inv_qa + inv_pa) / v;
@@ -499,8 +439,8 @@ float dense_score_is_row(const Row<Format>& row, const Shape& shape, Scratch&) {
   auto* const grad = row.grad;
   const float tau = shape.temperature, inv_tau = 1.f / tau;
   const float limit = shape.max_log_ratio;
-  const float z_a = Format::load(logits[row.a]);
-  const float u_a = divide(Format::load(teacher[row.a]), tau, inv_tau);
+  const float z_a = Format::widen(logits[row.a]);
+  const float u_a = divide(Format::widen(teacher[row.a]), tau, inv_tau);
   const float v = shape.participating;
   const float scale = row.weight / v;
   double loss_sum = 0.0, excess_sum = 0.0;
@@ -508,17 +448,17 @@ float dense_score_is_row(const Row<Format>& row, const Shape& shape, Scratch&) {
     float block_loss = 0.f, block_excess = 0.f;
 #pragma omp simd reduction(+ : block_loss, block_excess)
     for (int64_t k = begin; k < end; ++k) {
-      const float u = divide(Format::load(teacher[k]), tau, inv_tau);
-      const float r = (u - u_a) - (Format::load(logits[k]) - z_a);
+      const float u = divide(Format::widen(teacher[k]), tau, inv_tau);
+      const float r = (u - u_a) - (Format::widen(logits[k]) - z_a);
       const float ratio = clamped_exp(r, limit);
       block_loss += (ratio - r) - 1.f;
       block_excess += ratio - 1.f;
-      grad[k] = Format::store(scale * (1.f - ratio));
+      grad[k] = Format::narrow(scale * (1.f - ratio));
     }
     loss_sum += block_loss;
     excess_sum += block_excess;
   });
-  grad[row.a] = Format::store(scale * static_cast<float>(excess_sum));
+  grad[row.a] = Format::narrow(scale * static_cast<float>(excess_sum));
   zero_mask_column<Format>(grad, shape);
   return static_cast<float>(loss_sum) / v;
 }
@@ -540,7 +480,7 @@ float sparse_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
   auto* const grad = row.grad;
   constexpr bool kDenseTail = kDivergence == Divergence::kGKL && kTail == Tail::kZero;
   const float limit = shape.max_log_ratio;
-  const float z_a = Format::load(logits[row.a]);
+  const float z_a = Format::widen(logits[row.a]);
   // The entries first: their z_y are read before any gradient column is written.
   float* column_coef = scratch.column_coef.data();
   float* entry_logit = scratch.entry_logit.data();
@@ -549,7 +489,7 @@ float sparse_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
   for (int64_t j = 0; j < shape.topk; ++j) {
     const int64_t y = row.topk_index[j];
     if (y == row.a || y == shape.mask_id) continue;
-    const float z_y = Format::load(logits[y]);
+    const float z_y = Format::widen(logits[y]);
     entry_logit[j] = z_y;
     const float rho = row.topk_log_ratio[j];
     const float log_b = z_y - z_a;
@@ -598,10 +538,10 @@ float sparse_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
     if constexpr (kDenseTail) {
       dense_part = inv_pa * fast_exp((entry_logit[j] - z_max) - z_log_sum);
     }
-    grad[y] = Format::store(scale * (dense_part - column_coef[y]));
+    grad[y] = Format::narrow(scale * (dense_part - column_coef[y]));
   }
   for (int64_t j = 0; j < shape.topk; ++j) column_coef[row.topk_index[j]] = 0.f;
-  grad[row.a] = Format::store(grad_a);
+  grad[row.a] = Format::narrow(grad_a);
   return static_cast<float>(loss_sum) / v;
 }
 
@@ -693,14 +633,7 @@ void run(const LossProblem& problem) {
 }  // namespace
 
 void tcsm_loss(const LossProblem& problem) {
-  switch (problem.storage) {
-    case StorageType::kFloat32:
-      return run<Float32>(problem);
-    case StorageType::kBFloat16:
-      return run<BFloat16>(problem);
-    case StorageType::kFloat16:
-      return run<Float16>(problem);
-  }
+  with_storage(problem.storage, [&]<class Format>() { run<Format>(problem); });
 }
 
 }  // namespace tcsm

@@ -4,15 +4,16 @@
 #pragma once
 #include <cstdint>
 
+#include "storage.h"
+
 namespace tcsm {
 
-enum class StorageType { kFloat32, kBFloat16, kFloat16 };
 enum class Divergence { kKL, kIS, kGKL };
 enum class Objective { kDistrib, kScore };
 enum class Tail { kZero, kIgnore };
 
 struct LossProblem {
-  StorageType storage;  // of logits, teacher_logits and grad; all arithmetic is float32
+  StorageDtype storage;  // of logits, teacher_logits and grad; all arithmetic is float32
   int64_t rows;
   int64_t cols;
   const void* logits;  // (rows, cols), unit column stride

@@ -7,23 +7,10 @@
 
 #include <cmath>
 
+#include "storage_op.h"
 #include "tcsm_loss.h"
 
 namespace {
-
-tcsm::StorageType storage_type(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return tcsm::StorageType::kFloat32;
-    case at::kBFloat16:
-      return tcsm::StorageType::kBFloat16;
-    case at::kHalf:
-      return tcsm::StorageType::kFloat16;
-    default:
-      TORCH_CHECK(false, "tcsm_loss_cpu: logits must be float32, bfloat16 or float16, got ",
-                  t.scalar_type());
-  }
-}
 
 tcsm::Divergence parse_divergence(c10::string_view name) {
   if (name == "kl") return tcsm::Divergence::kKL;
@@ -67,7 +54,7 @@ at::Tensor tcsm_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
   const int64_t cols = logits.size(1);
   TORCH_CHECK(cols >= 1, "tcsm_loss_cpu: logits must have V >= 1 columns");
   tcsm::LossProblem problem{};
-  problem.storage = storage_type(logits);
+  problem.storage = tcsm::storage_dtype(logits, "tcsm_loss_cpu", "logits");
   problem.rows = rows;
   problem.cols = cols;
   problem.divergence = parse_divergence(divergence);

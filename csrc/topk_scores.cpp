@@ -26,13 +26,13 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <functional>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "fast_exp.h"
+#include "storage.h"
 
 namespace tcsm {
 namespace {
@@ -43,49 +43,12 @@ constexpr int32_t kCanonicalNanBits = 0x7fc00000;
 constexpr int32_t kMagnitudeBits = 0x7fffffff;
 constexpr uint32_t kLastColumn = 0xffffffffu;
 
-TCSM_INLINE int32_t float_bits(float value) {
-  int32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return bits;
-}
-
-// Teacher storage types, widened to float32 on load.
-struct Float32 {
-  using Storage = float;
-  static TCSM_INLINE float widen(float value) { return value; }
-};
-
-struct BFloat16 {
-  using Storage = uint16_t;
-  // A bfloat16 is the high half of the float32 with the same value.
-  static TCSM_INLINE float widen(uint16_t bits) {
-    return bits_to_float(static_cast<int32_t>(static_cast<uint32_t>(bits) << 16));
-  }
-};
-
-struct Float16 {
-  using Storage = uint16_t;
-  static TCSM_INLINE float widen(uint16_t half) {
-    const uint32_t sign = static_cast<uint32_t>(half & 0x8000u) << 16;
-    const uint32_t exponent_mantissa = half & 0x7fffu;
-    // Shifted into float32 position, the 5-bit exponent is off by 127 - 15 = 112: scaling by
-    // 2^112 rebiases normal and subnormal halves exactly.
-    const float scaled =
-        bits_to_float(static_cast<int32_t>(exponent_mantissa << 13)) * 0x1p112f;
-    // Exponent all ones (inf, NaN): the float32 exponent is all ones too, mantissa kept.
-    const int32_t magnitude = exponent_mantissa >= 0x7c00u
-                                  ? static_cast<int32_t>((exponent_mantissa << 13) | 0x7f800000u)
-                                  : float_bits(scaled);
-    return bits_to_float(magnitude | static_cast<int32_t>(sign));
-  }
-};
-
 // Order-preserving integer image of a logit: non-negative floats keep their bits, negative
 // ones get their magnitude bits flipped so that larger magnitudes come out smaller. -0 and +0
 // share a key; all NaNs share the largest key.
 TCSM_INLINE int32_t order_key(float value) {
   const float folded = value + 0.f;  // -0 + 0 = +0
-  const int32_t bits = folded != folded ? kCanonicalNanBits : float_bits(folded);
+  const int32_t bits = folded != folded ? kCanonicalNanBits : float_to_int_bits(folded);
   return bits ^ ((bits >> 31) & kMagnitudeBits);
 }
 
@@ -238,17 +201,7 @@ void topk_rows(const TopkScoresArgs& args) {
 }  // namespace
 
 void topk_scores(const TopkScoresArgs& args) {
-  switch (args.dtype) {
-    case TeacherDtype::kFloat32:
-      topk_rows<Float32>(args);
-      break;
-    case TeacherDtype::kBFloat16:
-      topk_rows<BFloat16>(args);
-      break;
-    case TeacherDtype::kFloat16:
-      topk_rows<Float16>(args);
-      break;
-  }
+  with_storage(args.dtype, [&]<class Elem>() { topk_rows<Elem>(args); });
 }
 
 }  // namespace tcsm

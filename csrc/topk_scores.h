@@ -5,13 +5,14 @@
 #pragma once
 #include <cstdint>
 
+#include "storage.h"
+
 namespace tcsm {
 
-enum class TeacherDtype { kFloat32, kBFloat16, kFloat16 };
 
 struct TopkScoresArgs {
   const void* logits;   // (rows, cols), element (n, v) at logits[n * row_stride + v]
-  TeacherDtype dtype;
+  StorageDtype dtype;
   int64_t rows;
   int64_t cols;         // 1 <= cols < 2^31
   int64_t row_stride;

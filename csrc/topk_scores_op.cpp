@@ -7,23 +7,10 @@
 #include <limits>
 #include <tuple>
 
+#include "storage_op.h"
 #include "topk_scores.h"
 
 namespace {
-
-tcsm::TeacherDtype teacher_dtype(const at::Tensor& logits) {
-  switch (logits.scalar_type()) {
-    case at::kFloat:
-      return tcsm::TeacherDtype::kFloat32;
-    case at::kBFloat16:
-      return tcsm::TeacherDtype::kBFloat16;
-    case at::kHalf:
-      return tcsm::TeacherDtype::kFloat16;
-    default:
-      TORCH_CHECK(false, "topk_scores: teacher_logits must be float32, bfloat16 or float16, got ",
-                  logits.scalar_type());
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& teacher_logits,
                                                                const at::Tensor& target,
@@ -51,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor&
 
   tcsm::TopkScoresArgs args{};
   args.logits = values.data_ptr();
-  args.dtype = teacher_dtype(values);
+  args.dtype = tcsm::storage_dtype(values, "topk_scores", "teacher_logits");
   args.rows = rows;
   args.cols = cols;
   args.row_stride = values.stride(0);

@@ -40,6 +40,28 @@ def same_device(name: str, value: torch.Tensor, ref: torch.Tensor, ref_name: str
         raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}")
 
 
+def broadcast(name: str, value: torch.Tensor, batch_shape: tuple) -> torch.Tensor:
+    """value broadcast to batch_shape; a ValueError naming it when it does not broadcast."""
+    try:
+        return torch.broadcast_to(value, batch_shape)
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to "
+                         f"{batch_shape}") from None
+
+
+def rows_and_ids(name: str, logits, ids_name: str, ids) -> tuple:
+    """Checks logits (..., V) and the ids (...) beside them; returns (V, batch shape)."""
+    tensor(name, logits, FLOAT_DTYPES)
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape (..., V) with V >= 1")
+    batch_shape = tuple(logits.shape[:-1])
+    tensor(ids_name, ids, INDEX_DTYPES)
+    if tuple(ids.shape) != batch_shape:
+        raise ValueError(f"{ids_name} must have shape {batch_shape}, got {tuple(ids.shape)}")
+    same_device(ids_name, ids, logits, name)
+    return logits.shape[-1], batch_shape
+
+
 def positive_finite(name: str, value) -> float:
     if isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a Python number, got a tensor")
@@ -201,12 +223,7 @@ def loss_inputs(logits, target, *, teacher_logits, teacher_topk, divergence, obj
     if weight is not None:
         tensor("weight", weight, FLOAT_DTYPES)
         same_device("weight", weight, logits, "logits")
-        try:
-            weight = torch.broadcast_to(weight, batch_shape)
-        except RuntimeError:
-            raise ValueError(f"weight of shape {tuple(weight.shape)} does not broadcast to "
-                             f"{batch_shape}") from None
-        weight = weight.reshape(rows)
+        weight = broadcast("weight", weight, batch_shape).reshape(rows)
 
     flat_logits = logits.reshape(rows, vocab)
     flat_target = target.reshape(rows)
@@ -227,22 +244,10 @@ def loss_inputs(logits, target, *, teacher_logits, teacher_topk, divergence, obj
 def step_inputs(logits, x, jump_prob, *, mask_id, temperature, frozen, seed, offset, backend,
                 check=None):
     """Validate ``ctmc_step`` arguments; returns (logits (N, V), x (N,), jump (N,), frozen (N,)|None)."""
-    tensor("logits", logits, FLOAT_DTYPES)
-    if logits.dim() < 1 or logits.shape[-1] < 1:
-        raise ValueError("logits must have shape (..., V) with V >= 1")
-    vocab = logits.shape[-1]
-    batch_shape = tuple(logits.shape[:-1])
-    tensor("x", x, INDEX_DTYPES)
-    if tuple(x.shape) != batch_shape:
-        raise ValueError(f"x must have shape {batch_shape}, got {tuple(x.shape)}")
-    same_device("x", x, logits, "logits")
+    vocab, batch_shape = rows_and_ids("logits", logits, "x", x)
     tensor("jump_prob", jump_prob, FLOAT_DTYPES)
     same_device("jump_prob", jump_prob, logits, "logits")
-    try:
-        jump = torch.broadcast_to(jump_prob, batch_shape)
-    except RuntimeError:
-        raise ValueError(f"jump_prob of shape {tuple(jump_prob.shape)} does not broadcast to "
-                         f"{batch_shape}") from None
+    jump = broadcast("jump_prob", jump_prob, batch_shape)
     mask_id = column_id("mask_id", mask_id, vocab)
     if mask_id is not None and vocab < 2:
         raise ValueError("mask_id needs V >= 2 (the mask column is excluded from x1)")
@@ -256,11 +261,7 @@ def step_inputs(logits, x, jump_prob, *, mask_id, temperature, frozen, seed, off
     if frozen is not None:
         tensor("frozen", frozen, (torch.bool,))
         same_device("frozen", frozen, logits, "logits")
-        try:
-            frozen = torch.broadcast_to(frozen, batch_shape)
-        except RuntimeError:
-            raise ValueError(f"frozen of shape {tuple(frozen.shape)} does not broadcast to "
-                             f"{batch_shape}") from None
+        frozen = broadcast("frozen", frozen, batch_shape)
     rows = math.prod(batch_shape)
     flat_logits = logits.reshape(rows, vocab)
     flat_x = x.reshape(rows)
@@ -275,15 +276,7 @@ def step_inputs(logits, x, jump_prob, *, mask_id, temperature, frozen, seed, off
 
 def topk_inputs(teacher_logits, target, k, *, temperature, correction, backend, check=None):
     """Validate ``topk_concrete_scores`` arguments; returns rows views."""
-    tensor("teacher_logits", teacher_logits, FLOAT_DTYPES)
-    if teacher_logits.dim() < 1 or teacher_logits.shape[-1] < 1:
-        raise ValueError("teacher_logits must have shape (..., V) with V >= 1")
-    vocab = teacher_logits.shape[-1]
-    batch_shape = tuple(teacher_logits.shape[:-1])
-    tensor("target", target, INDEX_DTYPES)
-    if tuple(target.shape) != batch_shape:
-        raise ValueError(f"target must have shape {batch_shape}, got {tuple(target.shape)}")
-    same_device("target", target, teacher_logits, "teacher_logits")
+    vocab, batch_shape = rows_and_ids("teacher_logits", teacher_logits, "target", target)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= vocab:

@@ -68,6 +68,22 @@ def _row_setup(target_ptr, stride_target, weight_ptr, stride_weight, row, n_cols
 
 
 @triton.jit
+def _dense_row_setup(logits_row, teacher_row, target_ptr, stride_target, weight_ptr,
+                     stride_weight, row, n_cols, mask_id, ignore_index, temperature,
+                     HAS_WEIGHT: tl.constexpr):
+    """_row_setup for a dense teacher, plus row_ok, the loop bound n_live_cols (0 skips the
+    row), z_a and u_a / tau (0 where the row is not computed)."""
+    target, weight, live, target_ok = _row_setup(target_ptr, stride_target, weight_ptr,
+                                                 stride_weight, row, n_cols, mask_id,
+                                                 ignore_index, HAS_WEIGHT)
+    row_ok = live & target_ok
+    n_live_cols = tl.where(row_ok, n_cols, 0)
+    z_a = tl.load(logits_row + target, mask=row_ok, other=0.0).to(tl.float32)
+    u_a = tl.load(teacher_row + target, mask=row_ok, other=0.0).to(tl.float32) / temperature
+    return target, weight, live, row_ok, n_live_cols, z_a, u_a
+
+
+@triton.jit
 def _row_lse(logits_row, n_read, n_cols, mask_id, BLOCK_V: tl.constexpr):
     """log sum_y exp(z_y) over the participating columns (pass 1); n_read = 0 skips the row."""
     running_max = tl.full([], float("-inf"), tl.float32)
@@ -78,6 +94,18 @@ def _row_lse(logits_row, n_read, n_cols, mask_id, BLOCK_V: tl.constexpr):
         z = tl.load(logits_row + cols, mask=participating, other=float("-inf")).to(tl.float32)
         running_max, running_sum = _online_lse_step(running_max, running_sum, z)
     return running_max + tl.log(running_sum)
+
+
+@triton.jit
+def _divergence_loss(kl, is_, DIVERGENCE: tl.constexpr):
+    """The row loss of the divergence from its kl and is parts (gkl = kl + is)."""
+    if DIVERGENCE == _KL:
+        row_loss = kl
+    elif DIVERGENCE == _IS:
+        row_loss = is_
+    else:
+        row_loss = kl + is_
+    return row_loss
 
 
 @triton.jit
@@ -137,12 +165,7 @@ def _data_target_kernel(
     # sum_y log p_y = sum_y z_y - V LSE is summed term by term (no cancellation of large sums).
     kl = lse - z_a
     is_ = (inv_pa + tl.sum(sum_logp, axis=0)) / n_classes
-    if DIVERGENCE == _KL:
-        row_loss = kl
-    elif DIVERGENCE == _IS:
-        row_loss = is_
-    else:
-        row_loss = kl + is_
+    row_loss = _divergence_loss(kl, is_, DIVERGENCE)
     _store_row_loss(loss_ptr, row, row_loss, weight, live, row_ok)
 
 
@@ -159,13 +182,9 @@ def _dense_target_kernel(
     logits_row = logits_ptr + row * stride_logits
     teacher_row = teacher_ptr + row * stride_teacher
     grad_row = grad_ptr + row * stride_grad
-    target, weight, live, target_ok = _row_setup(target_ptr, stride_target, weight_ptr,
-                                                 stride_weight, row, n_cols, mask_id,
-                                                 ignore_index, HAS_WEIGHT)
-    row_ok = live & target_ok
-    n_live_cols = tl.where(row_ok, n_cols, 0)
-    z_a = tl.load(logits_row + target, mask=row_ok, other=0.0).to(tl.float32)
-    u_a = tl.load(teacher_row + target, mask=row_ok, other=0.0).to(tl.float32) / temperature
+    target, weight, live, row_ok, n_live_cols, z_a, u_a = _dense_row_setup(
+        logits_row, teacher_row, target_ptr, stride_target, weight_ptr, stride_weight, row,
+        n_cols, mask_id, ignore_index, temperature, HAS_WEIGHT)
 
     # Pass 1: LSE of z and of u / tau; for distrib is/gkl also the LSE of d = u / tau - z,
     # which gives S = sum_y q_y / p_y = exp(LSE(d) + LSE_z - LSE_u) before pass 2 needs it.
@@ -259,12 +278,7 @@ def _dense_target_kernel(
     else:
         # SPEC 4.2: kl = sum q log(q/p); is = (1/V) sum [q/p - log(q/p) - 1]; gkl = kl + is.
         is_ = tl.sum(is_terms, axis=0) / n_classes
-        if DIVERGENCE == _KL:
-            row_loss = kl
-        elif DIVERGENCE == _IS:
-            row_loss = is_
-        else:
-            row_loss = kl + is_
+        row_loss = _divergence_loss(kl, is_, DIVERGENCE)
     _store_row_loss(loss_ptr, row, row_loss, weight, live, row_ok)
 
 
@@ -280,13 +294,9 @@ def _dense_score_is_kernel(
     logits_row = logits_ptr + row * stride_logits
     teacher_row = teacher_ptr + row * stride_teacher
     grad_row = grad_ptr + row * stride_grad
-    target, weight, live, target_ok = _row_setup(target_ptr, stride_target, weight_ptr,
-                                                 stride_weight, row, n_cols, mask_id,
-                                                 ignore_index, HAS_WEIGHT)
-    row_ok = live & target_ok
-    n_live_cols = tl.where(row_ok, n_cols, 0)
-    z_a = tl.load(logits_row + target, mask=row_ok, other=0.0).to(tl.float32)
-    u_a = tl.load(teacher_row + target, mask=row_ok, other=0.0).to(tl.float32) / temperature
+    target, weight, live, row_ok, n_live_cols, z_a, u_a = _dense_row_setup(
+        logits_row, teacher_row, target_ptr, stride_target, weight_ptr, stride_weight, row,
+        n_cols, mask_id, ignore_index, temperature, HAS_WEIGHT)
     # Column a gets its gradient after the loop, once S is known; the loop skips it.
     skipped_col = tl.where(row_ok, target, -1)
 
