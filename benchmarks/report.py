@@ -41,7 +41,7 @@ def table(rows, machine) -> str:
             def ratio(other):
                 o = impls.get(other)
                 return f"{o['median_s'] / r['median_s']:.1f}x" if o and name != other else ""
-            torch_name = "torch-ce" if "torch-ce" in impls else "flow-matching"
+            torch_name = next((b for b in ("torch-ce", "flow-matching", "torch") if b in impls), "")
             mem = ""
             if r.get("extra_bytes") is not None and r.get("logits_bytes"):
                 mem = f"{r['extra_bytes'] / r['logits_bytes']:.2f}x"
