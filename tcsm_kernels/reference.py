@@ -138,6 +138,15 @@ def tcsm_loss(logits, target, *, teacher_logits=None, teacher_topk=None, diverge
         temperature=temperature, reduction=reduction, ignore_index=ignore_index,
         normalizer=normalizer, tail=tail, max_log_ratio=max_log_ratio, backend=backend,
         check=check)
+    return loss_from_inputs(inp, divergence=divergence, objective=objective, mask_id=mask_id,
+                            temperature=temperature, reduction=reduction,
+                            ignore_index=ignore_index, normalizer=normalizer, tail=tail,
+                            max_log_ratio=max_log_ratio, check=check)
+
+
+def loss_from_inputs(inp: _checks.LossInputs, *, divergence, objective, mask_id, temperature,
+                     reduction, ignore_index, normalizer, tail, max_log_ratio, check):
+    """``tcsm_loss`` on inputs already validated and flattened by ``_checks.loss_inputs``."""
     rows = _row_losses(inp, divergence=divergence, objective=objective, mask_id=mask_id,
                        temperature=float(temperature), ignore_index=ignore_index, tail=tail,
                        max_log_ratio=float(max_log_ratio))

@@ -141,9 +141,8 @@ def fused_tcsm_loss(logits, target, *, teacher_logits=None, teacher_topk=None, d
         check=check)
     chosen = _backend.resolve(backend, logits.device, logits.dtype)
     if chosen == "reference":
-        return reference.tcsm_loss(
-            logits, target, teacher_logits=teacher_logits, teacher_topk=teacher_topk,
-            divergence=divergence, objective=objective, weight=weight, mask_id=mask_id,
+        return reference.loss_from_inputs(
+            inp, divergence=divergence, objective=objective, mask_id=mask_id,
             temperature=temperature, reduction=reduction, ignore_index=ignore_index,
             normalizer=normalizer, tail=tail, max_log_ratio=max_log_ratio, check=check)
     flat_logits = _as_rows(inp.logits)
