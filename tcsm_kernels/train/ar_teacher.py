@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from . import checkpoint, distributed
 from .data import TokenCorpus, batch_starts, eval_windows, read_windows, step_generator
 from .model import Block, Denoiser, DenoiserConfig, rotate
-from .pretrain import Session, Trainer, WarmupCosine, _create_run, _param_groups
-from .run import CHECKPOINT_DIR, ConfigError, TrainConfig, read_config, resolve_device
+from .pretrain import (Session, Trainer, WarmupCosine, _create_run, _param_groups,
+                       open_session)
+from .run import CHECKPOINT_DIR, ConfigError, TrainConfig, read_config
 
 TEACHER_FILE = "ar_teacher.json"
 
@@ -219,12 +220,7 @@ def run_single_process(trainer_class, config: Optional[TrainConfig], session: Se
     """Create (or resume) a run in ``session.out`` on one process and train it with
     ``trainer_class(config, session, run_dir, world, **extra)``; ``marker`` is written as
     TEACHER_FILE in a new run (it marks a teacher run)."""
-    run_dir = Path(session.out)
-    if session.threads:
-        torch.set_num_threads(session.threads)
-    device = resolve_device(session.device)
-    if session.resume is not None:
-        config = read_config(run_dir)
+    run_dir, device, config = open_session(config, session)
     config.validate(new_run=session.resume is None)
     if config.grad_accum != 1 or not config.masked:
         raise ConfigError("this command runs on one process with --grad-accum 1 and --process "

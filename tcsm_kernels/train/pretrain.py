@@ -160,17 +160,23 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def open_session(config: Optional[TrainConfig], session: Session):
+    """(run directory, device, config) for a session: threads set, and the run's saved config
+    read back when resuming."""
+    if session.threads:
+        torch.set_num_threads(session.threads)
+    run_dir = Path(session.out)
+    if session.resume is not None:
+        config = read_config(run_dir)
+    return run_dir, resolve_device(session.device), config
+
+
 def train(config: Optional[TrainConfig], session: Session) -> dict:
     """Train (or resume) the run in ``session.out``; returns a summary of the final step.
 
     ``config`` is None when resuming (the run's saved config is used).
     """
-    run_dir = Path(session.out)
-    if session.threads:
-        torch.set_num_threads(session.threads)
-    device = resolve_device(session.device)
-    if session.resume is not None:
-        config = read_config(run_dir)
+    run_dir, device, config = open_session(config, session)
     config.validate(int(os.environ.get("WORLD_SIZE", "1")), new_run=session.resume is None)
     world = distributed.setup(device)
     try:
