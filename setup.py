@@ -1,27 +1,17 @@
 """Builds tcsm_kernels._C, the C++ CPU kernels in csrc/, with torch's cpp_extension (ninja).
 
-AVX2/FMA code is generated when the build machine has them, a portable x86-64/arm build
-otherwise. No -ffast-math: the kernels rely on IEEE inf/NaN semantics.
+Vector code for the build machine's CPU (AVX-512 or AVX2/FMA, csrc/cpu_flags.py; TCSM_PORTABLE=1
+for any x86-64). No -ffast-math: the kernels rely on IEEE inf/NaN semantics.
 """
 import glob
 import os
-import platform
+import runpy
 
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-
-def cpu_flags():
-    if platform.machine() not in ("x86_64", "AMD64") or os.environ.get("TCSM_PORTABLE") == "1":
-        return []
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = set(info.read().split())
-    except OSError:
-        return []
-    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= flags else []
-
-
+ROOT = os.path.dirname(os.path.abspath(__file__))
+cpu_flags = runpy.run_path(os.path.join(ROOT, "csrc", "cpu_flags.py"))["cpu_flags"]
 compile_args = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"] + cpu_flags()
 
 setup(

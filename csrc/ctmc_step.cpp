@@ -68,20 +68,32 @@ TCSM_INLINE float block_max(const float* values, int64_t len) {
   return best;
 }
 
-// S_b and A_b for a block with finite max m_b. S_b, which places the CDF boundaries, sums in
-// double, so the in-block scan meets the same boundaries; A_b only feeds the entropy output and
-// sums in float32. Terms of weight 0 (the mask column, -inf logits) add nothing to A_b, where
-// 0 * (-inf) would be NaN.
+// (z - m) / T as one fma, with m_scaled = m / T: exactly z - m at T = 1. Pass 1, the in-block
+// scan and the rescale all use it, so they agree on every weight.
+TCSM_INLINE float scaled_exponent(float z, float m_scaled, float inv_t) {
+  return std::fma(z, inv_t, -m_scaled);
+}
+
+// Exponents are clamped here before exp: fast_exp already gives exactly 0 below -87.34, and a
+// finite floor makes weight * exponent 0 for the mask column and -inf logits (0 * -inf would
+// be NaN) without a select. NaN stays NaN (the comparison is false), so it still reaches Z.
+constexpr float kExponentFloor = -104.f;
+
+// S_b and A_b for a block with finite max m_b, summed in float32 (kBlock terms in [0, 1], the
+// largest 1); the row totals are double. The in-block scan sums the same terms in double, so
+// its boundaries can differ from S_b by rounding: the draw below allows for it.
 TCSM_INLINE void block_sums(const float* values, int64_t len, float block_max_value, float inv_t,
                             BlockStats& stats) {
-  double mass = 0.0;
+  const float max_scaled = block_max_value * inv_t;
+  float mass = 0.f;
   float shifted = 0.f;
 #pragma omp simd reduction(+ : mass, shifted)
   for (int64_t i = 0; i < len; ++i) {
-    const float exponent = (values[i] - block_max_value) * inv_t;
+    float exponent = scaled_exponent(values[i], max_scaled, inv_t);
+    exponent = exponent < kExponentFloor ? kExponentFloor : exponent;
     const float weight = fast_exp(exponent);
     mass += weight;
-    shifted += weight > 0.f ? weight * exponent : 0.f;
+    shifted += weight * exponent;
   }
   stats.mass = mass;
   stats.shifted = shifted;
@@ -119,7 +131,7 @@ void step_row(const CtmcStepArgs& args, int64_t n, float inv_t, BlockStats* stat
   for (int64_t b = 0; b < blocks; ++b) {
     BlockStats& block = stats[b];
     if (!(block.max > kNegInf)) continue;
-    const float gap = (block.max - row_max) * inv_t;
+    const float gap = scaled_exponent(block.max, row_max * inv_t, inv_t);
     block.scale = fast_exp(gap);
     shifted_total += block.scale * (block.shifted + gap * block.mass);
     block.mass *= block.scale;
@@ -145,6 +157,7 @@ void step_row(const CtmcStepArgs& args, int64_t n, float inv_t, BlockStats* stat
   double x1_mass = 0.0;
   if (chosen_block >= 0) {
     const BlockStats& block = stats[chosen_block];
+    const float max_scaled = block.max * inv_t;
     const int64_t start = chosen_block * kBlock;
     const int64_t len = std::min(kBlock, cols - start);
     const float* values = block_values<Elem>(row + start, len, mask_in(start, len), buffer);
@@ -154,7 +167,7 @@ void step_row(const CtmcStepArgs& args, int64_t n, float inv_t, BlockStats* stat
     int64_t pick = -1;
     for (int64_t i = 0; i < len; ++i) {
       const double mass = static_cast<double>(block.scale) *
-                          fast_exp((values[i] - block.max) * inv_t);
+                          fast_exp(scaled_exponent(values[i], max_scaled, inv_t));
       if (mass > 0.0) {
         pick = i;
         x1_mass = mass;
@@ -186,7 +199,8 @@ void step_row(const CtmcStepArgs& args, int64_t n, float inv_t, BlockStats* stat
 
   args.x1[n] = x1;
   args.prob[n] = static_cast<float>(x1_mass / total);
-  args.margin[n] = static_cast<float>((1.0 - fast_exp((second - row_max) * inv_t)) / total);
+  const float second_weight = fast_exp(scaled_exponent(second, row_max * inv_t, inv_t));
+  args.margin[n] = static_cast<float>((1.0 - second_weight) / total);
   args.entropy[n] = static_cast<float>(std::log(total) - shifted_total / total);
 
   // Jump (SPEC 7 step 2, own Philox word): masked path moves only rows at mask_id, uniform path

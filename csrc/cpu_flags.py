@@ -1,0 +1,32 @@
+"""Vector-ISA compiler flags for the build machine's CPU; setup.py and CMakeLists.txt both use
+this (run as a script it prints them).
+
+AVX-512 (F, VL, BW, DQ) when the CPU has it, else AVX2/FMA, else none (portable x86-64/arm).
+The kernels are written once in plain loops and the compiler vectorises them for the ISA
+chosen here, so the extension runs only on CPUs with the build machine's features:
+TCSM_PORTABLE=1 builds for any x86-64.
+"""
+import os
+import platform
+
+AVX512 = ("avx512f", "avx512vl", "avx512bw", "avx512dq")
+
+
+def cpu_flags() -> list[str]:
+    if platform.machine() not in ("x86_64", "AMD64") or os.environ.get("TCSM_PORTABLE") == "1":
+        return []
+    try:
+        with open("/proc/cpuinfo") as info:
+            features = set(info.read().split())
+    except OSError:
+        return []
+    if not {"avx2", "fma"} <= features:
+        return []
+    flags = ["-mavx2", "-mfma"]
+    if set(AVX512) <= features:
+        flags += [f"-m{name}" for name in AVX512]
+    return flags
+
+
+if __name__ == "__main__":
+    print(";".join(cpu_flags()))
