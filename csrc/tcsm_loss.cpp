@@ -21,6 +21,9 @@
 #include <vector>
 
 #include <omp.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include "fast_exp.h"
 #include "storage.h"
@@ -116,10 +119,43 @@ struct Row {
 
 // Per-thread buffers.
 struct Scratch {
-  std::vector<float> block_max;    // running max of each block (softmax passes)
-  std::vector<float> column_coef;  // sparse: (cols,), all zero between rows
-  std::vector<float> entry_logit;  // sparse: (topk,)
+  std::vector<float> block_max;     // running max of each block (softmax passes)
+  std::vector<float> column_coef;   // sparse: (cols,), all zero between rows
+  std::vector<float> entry_logit;   // sparse: (topk,)
+  std::vector<float> block_shift;   // dense distrib: second running max of each block
+  std::vector<float> stash_student; // dense distrib: (cols,) exps of pass 1, cache-resident
+  std::vector<float> stash_second;  //   between the passes
+  std::vector<float> out_block;     // dense distrib: (kBlock,) gradient block to stream out
 };
+
+// The gradient can skip the cache: a row written to its own buffer is not read again here,
+// and non-temporal stores spare the read-for-ownership of every destination line (a quarter
+// of the dense kernel's memory traffic). Where the gradient overwrites the logits, their lines
+// are already cached and plain stores are better.
+#if defined(__AVX__)
+constexpr bool kCanStream = true;
+#else
+constexpr bool kCanStream = false;
+#endif
+
+// dst[0, len) = src[0, len) with non-temporal stores (plain stores without AVX); callers
+// finish with stream_fence() before the row's gradient is read or patched.
+TCSM_INLINE void stream_floats(float* dst, const float* src, int64_t len) {
+#if defined(__AVX__)
+  int64_t i = 0;
+  for (; i < len && (reinterpret_cast<uintptr_t>(dst + i) & 31) != 0; ++i) dst[i] = src[i];
+  for (; i + 8 <= len; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+  for (; i < len; ++i) dst[i] = src[i];
+#else
+  std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(len));
+#endif
+}
+
+TCSM_INLINE void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
 
 // Writes the mask column's gradient (always 0).
 template <class Format>
@@ -233,6 +269,66 @@ float data_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
   return loss;
 }
 
+// u / tau for a dense teacher logit, rounded as the division rounds it; at tau = 1 (kUnitTau)
+// the logit itself, without the division's three vector ops per use.
+template <class Format, bool kUnitTau>
+TCSM_INLINE float teacher_over_tau(typename Format::Storage value, float tau, float inv_tau) {
+  if constexpr (kUnitTau) {
+    return Format::widen(value);
+  } else {
+    return divide(Format::widen(value), tau, inv_tau);
+  }
+}
+
+// exp(u - s_u) = exp(z - s_z) exp(u - z - s_x) exp(s_z + s_x - s_u) with the block's running
+// maxima s (s_z + s_x >= s_u, so the last factor is >= 1). Pass 1 takes the teacher's term as
+// that product, one exp fewer, when the last factor is at most e^40: then the two exps (each
+// <= 1) cannot flush to 0 where the teacher's term is above e^-47, a relative e^-47 of the
+// row's largest term, far below float32 rounding of the sum.
+constexpr float kMaxJointShift = 40.f;
+
+// How pass 1 of a dense distrib row forms its exps: kl needs exp(z - s_z) and exp(u - s_u);
+// is/gkl exp(z - s_z) and exp(u - z - s_x), and the teacher's term as the product above
+// (kShared) or as its own exp (kAll).
+enum class DistribSums { kStudentTeacher, kShared, kAll };
+
+struct DistribBlockSums {
+  float z = 0.f, u = 0.f, x = 0.f;
+};
+
+// Pass 1 sums of one block. Keeps exp(z - s_z) in stash_student and the second exp (teacher's
+// for kl, ratio's for is/gkl) in stash_second for pass 2, which then needs no exp.
+template <class Format, bool kUnitTau, DistribSums kSums>
+TCSM_INLINE DistribBlockSums distrib_block_sums(const typename Format::Storage* logits,
+                                                const typename Format::Storage* teacher,
+                                                float* stash_student, float* stash_second,
+                                                int64_t begin, int64_t end, float tau,
+                                                float inv_tau, float shift_z, float shift_u,
+                                                float shift_x) {
+  const float joint =
+      kSums == DistribSums::kShared ? fast_exp((shift_z + shift_x) - shift_u) : 0.f;
+  float sum_z = 0.f, sum_u = 0.f, sum_x = 0.f;
+#pragma omp simd reduction(+ : sum_z, sum_u, sum_x)
+  for (int64_t k = begin; k < end; ++k) {
+    const float z = Format::widen(logits[k]);
+    const float u = teacher_over_tau<Format, kUnitTau>(teacher[k], tau, inv_tau);
+    const float e_z = fast_exp(z - shift_z);
+    sum_z += e_z;
+    stash_student[k] = e_z;
+    if constexpr (kSums == DistribSums::kStudentTeacher) {
+      const float e_u = fast_exp(u - shift_u);
+      sum_u += e_u;
+      stash_second[k] = e_u;
+    } else {
+      const float e_x = fast_exp((u - z) - shift_x);
+      sum_x += e_x;
+      stash_second[k] = e_x;
+      sum_u += kSums == DistribSums::kShared ? (e_z * e_x) * joint : fast_exp(u - shift_u);
+    }
+  }
+  return {sum_z, sum_u, sum_x};
+}
+
 // Row constants of the dense distrib gradient pass (no pointers: see Row).
 struct DistribGradient {
   float tau, inv_tau, limit;
@@ -240,13 +336,18 @@ struct DistribGradient {
   float inv_v, ratio_excess, weight;
 };
 
-// Pass 2 of dense_distrib_row: gradient, KL and IS sums. kSharedExp (gkl, no r_y above the
-// clamp): q/p = exp(r) and q = p * (q/p), one exp fewer per column than exp(log q).
-template <class Format, Divergence kDivergence, bool kSharedExp>
+// Pass 2 of dense_distrib_row: gradient, KL and IS sums, from pass 1's stashed exps rescaled
+// per block: p = exp(z - s_z) exp(s_z - LSE_z); kl: q = exp(u - s_u) exp(s_u - LSE_u); is/gkl
+// with kStashedRatio (no r_y above the clamp): q/p = exp(u - z - s_x) exp(s_x - gap) and, for
+// gkl, q = p (q/p). Above the clamp, q/p and q are exps of their own.
+// With kStream (float32 gradient in its own buffer) each block goes through out_block and is
+// streamed to memory.
+template <class Format, Divergence kDivergence, bool kUnitTau, bool kStashedRatio, bool kStream>
 void dense_distrib_gradient(const typename Format::Storage* logits,
                             const typename Format::Storage* teacher,
                             typename Format::Storage* grad, const Shape& shape,
-                            const DistribGradient& coef, double& kl_sum, double& is_sum) {
+                            Scratch& scratch, const DistribGradient& coef,
+                            double& kl_sum, double& is_sum) {
   constexpr bool kHasKL = kDivergence != Divergence::kIS;
   constexpr bool kHasIS = kDivergence != Divergence::kKL;
   // Locals, not struct fields, in the loop: grad's stores could alias the struct.
@@ -254,19 +355,42 @@ void dense_distrib_gradient(const typename Format::Storage* logits,
   const float z_max = coef.z_max, z_log_sum = coef.z_log_sum;
   const float u_max = coef.u_max, u_log_sum = coef.u_log_sum, lse_gap = coef.lse_gap;
   const float inv_v = coef.inv_v, ratio_excess = coef.ratio_excess, w = coef.weight;
+  const float* const stash_student = scratch.stash_student.data();
+  const float* const stash_second = scratch.stash_second.data();
+  float* const out_block = scratch.out_block.data();
+  int64_t block = 0;
   for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+    typename Format::Storage* const out = [&] {
+      if constexpr (kStream) {
+        return out_block;
+      } else {
+        return grad + begin;
+      }
+    }();
+    const float rescale_p = std::exp((scratch.block_max[block] - z_max) - z_log_sum);
+    const float second_shift = scratch.block_shift[block++];
+    const float rescale_second = kHasIS ? std::exp(second_shift - lse_gap)
+                                        : std::exp((second_shift - u_max) - u_log_sum);
     float block_kl = 0.f, block_is = 0.f;
 #pragma omp simd reduction(+ : block_kl, block_is)
     for (int64_t k = begin; k < end; ++k) {
       const float z = Format::widen(logits[k]);
-      const float u = divide(Format::widen(teacher[k]), tau, inv_tau);
-      const float p = fast_exp((z - z_max) - z_log_sum);
+      const float u = teacher_over_tau<Format, kUnitTau>(teacher[k], tau, inv_tau);
+      const float p = rescale_p * stash_student[k];
       const float r = (u - z) - lse_gap;
-      const float ratio_k = kSharedExp ? fast_exp(r) : (kHasIS ? clamped_exp(r, limit) : 0.f);
+      float ratio_k = 0.f;
+      if constexpr (kHasIS) {
+        ratio_k = kStashedRatio ? rescale_second * stash_second[k] : clamped_exp(r, limit);
+      }
       float grad_k = 0.f;
       if constexpr (kHasKL) {
         // kl: loss sum_y q_y r_y; grad p - q
-        const float q = kSharedExp ? p * ratio_k : fast_exp((u - u_max) - u_log_sum);
+        float q;
+        if constexpr (!kHasIS) {
+          q = rescale_second * stash_second[k];
+        } else {
+          q = kStashedRatio ? p * ratio_k : fast_exp((u - u_max) - u_log_sum);
+        }
         grad_k += p - q;
         block_kl += q * r;
       }
@@ -275,19 +399,24 @@ void dense_distrib_gradient(const typename Format::Storage* logits,
         grad_k += inv_v * ((1.f - ratio_k) + p * ratio_excess);
         block_is += (ratio_k - r) - 1.f;
       }
-      grad[k] = Format::narrow(w * grad_k);
+      out[k - begin] = Format::narrow(w * grad_k);
     }
+    if constexpr (kStream) stream_floats(grad + begin, out_block, end - begin);
     kl_sum += block_kl;
     is_sum += block_is;
   });
+  if constexpr (kStream) stream_fence();
 }
 
 // SPEC 4.2, dense teacher, distrib objective; q = softmax(u / tau), r = log(q / p).
 // Pass 1: LSE of z and of u/tau and, for is/gkl, the online LSE of u/tau - z, which gives
 // sum_y q_y / p_y = exp(LSE(u/tau - z) - (LSE_u - LSE_z)) when no r_y reaches the clamp
 // (otherwise one extra pass sums the clamped exp(r_y)). Pass 2: gradient, KL and IS sums.
-template <class Format, Divergence kDivergence>
-float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch&) {
+// Two exps per column in all (pass 1), unless some r_y reaches the clamp. The stashes are
+// per-thread rows that stay in cache, so a gradient written over the logits equals one
+// written to its own buffer, bit for bit.
+template <class Format, Divergence kDivergence, bool kUnitTau>
+float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
   const auto* const logits = row.logits;
   const auto* const teacher = row.teacher;
   auto* const grad = row.grad;
@@ -295,13 +424,16 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch&) {
   constexpr bool kHasIS = kDivergence != Divergence::kKL;
   const float tau = shape.temperature, inv_tau = 1.f / tau;
   const float limit = shape.max_log_ratio;
+  float* const stash_student = scratch.stash_student.data();
+  float* const stash_second = scratch.stash_second.data();
+  int64_t block = 0;
   OnlineLogSumExp student_stats, teacher_stats, ratio_stats;
   for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
     float max_z = -kInf, max_u = -kInf, max_x = -kInf;
 #pragma omp simd reduction(max : max_z, max_u, max_x)
     for (int64_t k = begin; k < end; ++k) {
       const float z = Format::widen(logits[k]);
-      const float u = divide(Format::widen(teacher[k]), tau, inv_tau);
+      const float u = teacher_over_tau<Format, kUnitTau>(teacher[k], tau, inv_tau);
       max_z = z > max_z ? z : max_z;
       max_u = u > max_u ? u : max_u;
       max_x = u - z > max_x ? u - z : max_x;
@@ -309,18 +441,25 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch&) {
     const float shift_z = student_stats.raise(max_z);
     const float shift_u = teacher_stats.raise(max_u);
     const float shift_x = ratio_stats.raise(max_x);
-    float sum_z = 0.f, sum_u = 0.f, sum_x = 0.f;
-#pragma omp simd reduction(+ : sum_z, sum_u, sum_x)
-    for (int64_t k = begin; k < end; ++k) {
-      const float z = Format::widen(logits[k]);
-      const float u = divide(Format::widen(teacher[k]), tau, inv_tau);
-      sum_z += fast_exp(z - shift_z);
-      sum_u += fast_exp(u - shift_u);
-      if constexpr (kHasIS) sum_x += fast_exp((u - z) - shift_x);
+    scratch.block_max[block] = shift_z;
+    scratch.block_shift[block++] = kHasIS ? shift_x : shift_u;
+    DistribBlockSums sums;
+    if constexpr (!kHasIS) {
+      sums = distrib_block_sums<Format, kUnitTau, DistribSums::kStudentTeacher>(
+          logits, teacher, stash_student, stash_second, begin, end, tau, inv_tau, shift_z,
+          shift_u, shift_x);
+    } else if ((shift_z + shift_x) - shift_u <= kMaxJointShift) {  // false for NaN
+      sums = distrib_block_sums<Format, kUnitTau, DistribSums::kShared>(
+          logits, teacher, stash_student, stash_second, begin, end, tau, inv_tau, shift_z,
+          shift_u, shift_x);
+    } else {
+      sums = distrib_block_sums<Format, kUnitTau, DistribSums::kAll>(
+          logits, teacher, stash_student, stash_second, begin, end, tau, inv_tau, shift_z,
+          shift_u, shift_x);
     }
-    student_stats.sum += sum_z;
-    teacher_stats.sum += sum_u;
-    ratio_stats.sum += sum_x;
+    student_stats.sum += sums.z;
+    teacher_stats.sum += sums.u;
+    ratio_stats.sum += sums.x;
   });
   const float z_max = student_stats.max, z_log_sum = student_stats.log_sum();
   const float u_max = teacher_stats.max, u_log_sum = teacher_stats.log_sum();
@@ -328,8 +467,9 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch&) {
   const float v = shape.participating;
   // ratio_excess = S - V = sum_y (exp(r_y) - 1), clamped exponents (the IS gradient's p*S - V p)
   float ratio_excess = 0.f;
+  const bool below_clamp = ratio_stats.max - lse_gap <= limit;
   if constexpr (kHasIS) {
-    if (ratio_stats.max - lse_gap <= limit) {
+    if (below_clamp) {
       const float log_mean_ratio =
           (ratio_stats.max - lse_gap) + (ratio_stats.log_sum() - std::log(v));  // log(S / V)
       ratio_excess = v * std::expm1(log_mean_ratio);  // V (S/V - 1), no cancellation
@@ -340,7 +480,7 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch&) {
 #pragma omp simd reduction(+ : block_excess)
         for (int64_t k = begin; k < end; ++k) {
           const float z = Format::widen(logits[k]);
-          const float u = divide(Format::widen(teacher[k]), tau, inv_tau);
+          const float u = teacher_over_tau<Format, kUnitTau>(teacher[k], tau, inv_tau);
           block_excess += clamped_exp((u - z) - lse_gap, limit) - 1.f;
         }
         excess += block_excess;
@@ -351,14 +491,20 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch&) {
   const DistribGradient coef{tau,     inv_tau, limit,   z_max,        z_log_sum, u_max,
                              u_log_sum, lse_gap, 1.f / v, ratio_excess, row.weight};
   double kl_sum = 0.0, is_sum = 0.0;
-  // gkl needs q and q/p: with no r_y above the clamp, q/p = exp(r) and q = p exp(r) share one
-  // exp. Where p flushes to 0 (below FLT_MIN), q = p exp(r) < e^limit FLT_MIN flushes with it.
-  if (kHasKL && kHasIS && ratio_stats.max - lse_gap <= limit) {
-    dense_distrib_gradient<Format, kDivergence, true>(logits, teacher, grad, shape, coef, kl_sum,
-                                                      is_sum);
+  // With no r_y above the clamp, q/p = exp(r) comes from the stash and gkl's q = p exp(r).
+  // Where p flushes to 0 (below FLT_MIN), q = p exp(r) < e^limit FLT_MIN flushes with it.
+  constexpr bool kStreamable = kCanStream && std::is_same_v<Format, Float32>;
+  const bool stream =
+      kStreamable && static_cast<const void*>(grad) != static_cast<const void*>(logits);
+  if (below_clamp && stream) {
+    dense_distrib_gradient<Format, kDivergence, kUnitTau, true, kStreamable>(
+        logits, teacher, grad, shape, scratch, coef, kl_sum, is_sum);
+  } else if (below_clamp) {
+    dense_distrib_gradient<Format, kDivergence, kUnitTau, true, false>(
+        logits, teacher, grad, shape, scratch, coef, kl_sum, is_sum);
   } else {
-    dense_distrib_gradient<Format, kDivergence, false>(logits, teacher, grad, shape, coef, kl_sum,
-                                                       is_sum);
+    dense_distrib_gradient<Format, kDivergence, kUnitTau, false, false>(
+        logits, teacher, grad, shape, scratch, coef, kl_sum, is_sum);
   }
   zero_mask_column<Format>(grad, shape);
   return static_cast<float>(kl_sum + is_sum / v);
@@ -560,9 +706,14 @@ RowKernel<Format> select_kernel(const LossProblem& problem) {
     if (problem.objective == Objective::kScore) {
       return d == Divergence::kIS ? &dense_score_is_row<Format> : &dense_score_gkl_row<Format>;
     }
-    if (d == Divergence::kKL) return &dense_distrib_row<Format, Divergence::kKL>;
-    if (d == Divergence::kIS) return &dense_distrib_row<Format, Divergence::kIS>;
-    return &dense_distrib_row<Format, Divergence::kGKL>;
+    if (problem.temperature == 1.f) {
+      if (d == Divergence::kKL) return &dense_distrib_row<Format, Divergence::kKL, true>;
+      if (d == Divergence::kIS) return &dense_distrib_row<Format, Divergence::kIS, true>;
+      return &dense_distrib_row<Format, Divergence::kGKL, true>;
+    }
+    if (d == Divergence::kKL) return &dense_distrib_row<Format, Divergence::kKL, false>;
+    if (d == Divergence::kIS) return &dense_distrib_row<Format, Divergence::kIS, false>;
+    return &dense_distrib_row<Format, Divergence::kGKL, false>;
   }
   if (d == Divergence::kKL) return &data_row<Format, Divergence::kKL>;
   if (d == Divergence::kIS) return &data_row<Format, Divergence::kIS>;
@@ -596,6 +747,8 @@ void run(const LossProblem& problem) {
   const auto* teacher = static_cast<const Storage*>(problem.teacher_logits);
   auto* grad = static_cast<Storage*>(problem.grad);
   const bool sparse = problem.topk_indices != nullptr;
+  const bool dense_distrib = !sparse && teacher != nullptr &&
+                             problem.objective == Objective::kDistrib;
   // Small problems run on the calling thread: waking the team costs more than it saves.
   const bool parallel = problem.rows > 1 && problem.rows * problem.cols >= kMinParallelWork;
 #pragma omp parallel if (parallel) \
@@ -603,6 +756,12 @@ void run(const LossProblem& problem) {
   {
     Scratch scratch;
     scratch.block_max.resize(static_cast<size_t>(shape.cols / kBlock + 2));
+    if (dense_distrib) {
+      scratch.block_shift.resize(scratch.block_max.size());
+      scratch.stash_student.resize(static_cast<size_t>(shape.cols));
+      scratch.stash_second.resize(static_cast<size_t>(shape.cols));
+      scratch.out_block.resize(static_cast<size_t>(kBlock));
+    }
     if (sparse) {
       scratch.column_coef.assign(static_cast<size_t>(shape.cols), 0.f);
       scratch.entry_logit.resize(static_cast<size_t>(shape.topk));

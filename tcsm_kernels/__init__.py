@@ -5,12 +5,13 @@ Public API: ``fused_tcsm_loss`` / ``TCSMLoss`` (SPEC 4-5), ``ctmc_step`` (SPEC 7
 """
 from . import processes, reference, schedules
 from .ops.ctmc_step import ctmc_step
-from .ops.loss import TCSMLoss, fused_tcsm_loss
+from .ops.loss import TCSMLoss, fused_tcsm_loss, release_buffer_cache
 from .ops.row_lse import row_logsumexp
 from .ops.topk_scores import topk_concrete_scores
 from .processes import MaskedProcess, UniformProcess
 from .schedules import get_schedule
 
-__all__ = ["fused_tcsm_loss", "TCSMLoss", "ctmc_step", "topk_concrete_scores", "reference", "schedules", "processes", "MaskedProcess", "UniformProcess",
-           "get_schedule", "row_logsumexp"]
+__all__ = ["fused_tcsm_loss", "TCSMLoss", "release_buffer_cache", "ctmc_step",
+           "topk_concrete_scores", "reference", "schedules", "processes", "MaskedProcess",
+           "UniformProcess", "get_schedule", "row_logsumexp"]
 __version__ = "0.1.0"

@@ -199,7 +199,8 @@ def test_bad_input(bad, match):
 
 
 def test_public_api_exports():
-    for name in ("fused_tcsm_loss", "TCSMLoss", "reference", "schedules", "processes"):
+    for name in ("fused_tcsm_loss", "TCSMLoss", "release_buffer_cache", "reference", "schedules",
+                 "processes"):
         assert hasattr(tcsm_kernels, name)
 
 
@@ -212,3 +213,29 @@ def test_hugepage_gradient_buffer(shape, dtype):
     assert buf.shape == shape and buf.dtype == dtype and buf.is_contiguous()
     buf.fill_(2)
     assert torch.all(buf == 2)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="C++ extension not built")
+def test_gradient_buffer_cache_reuses_freed_buffers():
+    """A freed buffer of the same size is handed out again; other sizes get their own; at most
+    two are kept; release_buffer_cache frees them (and the allocator still works after it)."""
+    tcsm_kernels.release_buffer_cache()
+    shape = [1024, 1024]  # 4 MiB: above the 2 MiB huge page, so cached
+    first = torch.ops.tcsm.empty_hugepage_cpu(shape, torch.float32)
+    first_ptr = first.data_ptr()
+    del first
+    again = torch.ops.tcsm.empty_hugepage_cpu(shape, torch.float32)
+    assert again.data_ptr() == first_ptr
+    other = torch.ops.tcsm.empty_hugepage_cpu([2048, 1024], torch.float32)
+    assert other.data_ptr() != first_ptr
+    live = [torch.ops.tcsm.empty_hugepage_cpu(shape, torch.float32) for _ in range(3)]
+    ptrs = {t.data_ptr() for t in live} | {again.data_ptr()}
+    assert len(ptrs) == 4  # live buffers are never shared
+    del live, again, other
+    reused = [torch.ops.tcsm.empty_hugepage_cpu(shape, torch.float32) for _ in range(2)]
+    assert len({t.data_ptr() for t in reused} & ptrs) >= 1
+    del reused
+    tcsm_kernels.release_buffer_cache()
+    fresh = torch.ops.tcsm.empty_hugepage_cpu(shape, torch.float32)
+    fresh.fill_(1)
+    assert float(fresh.sum()) == 1024 * 1024

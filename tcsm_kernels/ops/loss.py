@@ -68,12 +68,19 @@ if _backend.cpp_available():
 
 
 def _gradient_buffer(logits: torch.Tensor) -> torch.Tensor:
-    """(N, V) buffer for the kernel's gradient. On CPU it is backed by transparent huge pages:
-    first-touch page faults of a fresh 4 KiB-page buffer cost several times the kernel itself
-    (csrc/hugepage_buffer_op.cpp)."""
+    """(N, V) buffer for the kernel's gradient. On CPU it is backed by transparent huge pages
+    and comes from a cache of freed buffers: first-touch page faults and zeroing of a fresh
+    buffer cost up to several times the kernel itself (csrc/hugepage_buffer_op.cpp)."""
     if logits.device.type == "cpu" and _backend.cpp_available():
         return torch.ops.tcsm.empty_hugepage_cpu(logits.shape, logits.dtype)
     return torch.empty_like(logits)
+
+
+def release_buffer_cache() -> None:
+    """Frees the CPU gradient buffers the fused loss keeps for reuse (at most two, each the size
+    of one (N, V) gradient), as ``torch.cuda.empty_cache`` does for CUDA memory."""
+    if _backend.cpp_available():
+        torch.ops.tcsm.release_buffer_cache()
 
 
 class _FusedTCSMLoss(torch.autograd.Function):
