@@ -31,6 +31,7 @@
 
 #include "fast_exp.h"
 #include "philox.h"
+#include "prefetch.h"
 #include "storage.h"
 
 namespace tcsm {
@@ -74,10 +75,12 @@ TCSM_INLINE float scaled_exponent(float z, float m_scaled, float inv_t) {
   return std::fma(z, inv_t, -m_scaled);
 }
 
-// Exponents are clamped here before exp: fast_exp already gives exactly 0 below -87.34, and a
-// finite floor makes weight * exponent 0 for the mask column and -inf logits (0 * -inf would
-// be NaN) without a select. NaN stays NaN (the comparison is false), so it still reaches Z.
-constexpr float kExponentFloor = -104.f;
+// Weights are fast_exp_nonpositive of exponents raised to kExpFloor, where the weight is
+// exactly 0: the floor makes weight * exponent 0 for the mask column and -inf logits (0 * -inf
+// would be NaN) without a select. NaN stays NaN (the comparison is false), so it reaches Z.
+TCSM_INLINE float floored(float exponent) {
+  return exponent < kExpFloor ? kExpFloor : exponent;
+}
 
 // S_b and A_b for a block with finite max m_b, summed in float32 (kBlock terms in [0, 1], the
 // largest 1); the row totals are double. The in-block scan sums the same terms in double, so
@@ -89,9 +92,8 @@ TCSM_INLINE void block_sums(const float* values, int64_t len, float block_max_va
   float shifted = 0.f;
 #pragma omp simd reduction(+ : mass, shifted)
   for (int64_t i = 0; i < len; ++i) {
-    float exponent = scaled_exponent(values[i], max_scaled, inv_t);
-    exponent = exponent < kExponentFloor ? kExponentFloor : exponent;
-    const float weight = fast_exp(exponent);
+    const float exponent = floored(scaled_exponent(values[i], max_scaled, inv_t));
+    const float weight = fast_exp_nonpositive(exponent);
     mass += weight;
     shifted += weight * exponent;
   }
@@ -114,6 +116,7 @@ void step_row(const CtmcStepArgs& args, int64_t n, float inv_t, BlockStats* stat
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t start = b * kBlock;
     const int64_t len = std::min(kBlock, cols - start);
+    prefetch_lines(row + start + 2 * kBlock, row + cols, kBlock * int64_t{sizeof(*row)});
     const float* values = block_values<Elem>(row + start, len, mask_in(start, len), buffer);
     const float m_b = block_max(values, len);
     stats[b] = {m_b, 0.0, 0.0, 0.f};
@@ -167,7 +170,7 @@ void step_row(const CtmcStepArgs& args, int64_t n, float inv_t, BlockStats* stat
     int64_t pick = -1;
     for (int64_t i = 0; i < len; ++i) {
       const double mass = static_cast<double>(block.scale) *
-                          fast_exp(scaled_exponent(values[i], max_scaled, inv_t));
+                          fast_exp_nonpositive(scaled_exponent(values[i], max_scaled, inv_t));
       if (mass > 0.0) {
         pick = i;
         x1_mass = mass;

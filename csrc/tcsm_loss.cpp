@@ -26,6 +26,7 @@
 #endif
 
 #include "fast_exp.h"
+#include "prefetch.h"
 #include "storage.h"
 
 namespace tcsm {
@@ -36,6 +37,8 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // Columns per block of the online max: one horizontal max per block, whose data the exp loop
 // then re-reads from L1; block partial sums are float32, row totals double.
 constexpr int64_t kBlock = 512;
+template <class Format>
+constexpr int64_t kBlockBytes = kBlock * int64_t{sizeof(typename Format::Storage)};
 // Elements (rows x columns) below which a call stays on one thread.
 constexpr int64_t kMinParallelWork = int64_t{1} << 16;
 
@@ -179,6 +182,7 @@ OnlineLogSumExp softmax_stats(const typename Format::Storage* logits,
   float* block_max = scratch.block_max.data();
   int64_t block = 0;
   for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+    prefetch_lines(logits + begin + 2 * kBlock, logits + shape.cols, kBlockBytes<Format>);
     float local_max = -kInf;
 #pragma omp simd reduction(max : local_max)
     for (int64_t k = begin; k < end; ++k) {
@@ -429,6 +433,8 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scr
   int64_t block = 0;
   OnlineLogSumExp student_stats, teacher_stats, ratio_stats;
   for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+    prefetch_lines(logits + begin + 2 * kBlock, logits + shape.cols, kBlockBytes<Format>);
+    prefetch_lines(teacher + begin + 2 * kBlock, teacher + shape.cols, kBlockBytes<Format>);
     float max_z = -kInf, max_u = -kInf, max_x = -kInf;
 #pragma omp simd reduction(max : max_z, max_u, max_x)
     for (int64_t k = begin; k < end; ++k) {
@@ -524,6 +530,8 @@ float dense_score_gkl_row(const Row<Format>& row, const Shape& shape, Scratch&) 
   const float u_a = divide(Format::widen(teacher[row.a]), tau, inv_tau);
   OnlineLogSumExp student_stats, teacher_stats;
   for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+    prefetch_lines(logits + begin + 2 * kBlock, logits + shape.cols, kBlockBytes<Format>);
+    prefetch_lines(teacher + begin + 2 * kBlock, teacher + shape.cols, kBlockBytes<Format>);
     float max_z = -kInf, max_u = -kInf;
 #pragma omp simd reduction(max : max_z, max_u)
     for (int64_t k = begin; k < end; ++k) {

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <vector>
 
@@ -21,6 +22,14 @@ void exp_all(const std::vector<float>& x, std::vector<float>& y) {
   const size_t n = x.size();
 #pragma omp simd
   for (size_t i = 0; i < n; ++i) out[i] = tcsm::fast_exp(in[i]);
+}
+
+void exp_nonpositive_all(const std::vector<float>& x, std::vector<float>& y) {
+  const float* in = x.data();
+  float* out = y.data();
+  const size_t n = x.size();
+#pragma omp simd
+  for (size_t i = 0; i < n; ++i) out[i] = tcsm::fast_exp_nonpositive(in[i]);
 }
 
 float from_bits(uint32_t bits) {
@@ -128,6 +137,40 @@ int main(int argc, char** argv) {
     std::vector<float> zx{z}, zy(1);
     exp_all(zx, zy);
     if (zy[0] != 1.f) std::printf("fail exp(%g) = %.9g\n", z, zy[0]);
+  }
+
+  // fast_exp_nonpositive: bit for bit fast_exp on [-126 ln 2, 0]; below, +0 or a subnormal
+  // (never above FLT_MIN), exactly +0 from -104 down (-inf included); NaN -> NaN.
+  std::vector<float> nx;
+  add_floats(-87.33654f, -0.f, stride, nx);
+  std::vector<float> ny(nx.size()), fy(nx.size());
+  exp_nonpositive_all(nx, ny);
+  exp_all(nx, fy);
+  for (size_t i = 0; i < nx.size(); ++i) {
+    if (to_bits(ny[i]) != to_bits(fy[i])) {
+      std::printf("fail nonpositive exp(%.9g) = %.9g, fast_exp %.9g\n", nx[i], ny[i], fy[i]);
+    }
+  }
+  std::vector<float> low;
+  add_floats(-104.f, -87.33654f, 1, low);
+  std::vector<float> low_y(low.size());
+  exp_nonpositive_all(low, low_y);
+  for (size_t i = 0; i < low.size(); ++i) {
+    if (low[i] >= -87.33654f) continue;  // -126 ln 2 itself: normal, checked above
+    const float y = low_y[i];
+    if (!(y >= 0.f && y <= FLT_MIN) || std::signbit(y)) {
+      std::printf("fail nonpositive low exp(%.9g) = %.9g\n", low[i], y);
+    }
+  }
+  const float nonpositive_special[] = {-inf, -104.f, -1e30f, -FLT_MAX,
+                                       std::numeric_limits<float>::quiet_NaN(),
+                                       -std::numeric_limits<float>::quiet_NaN()};
+  std::vector<float> sx(std::begin(nonpositive_special), std::end(nonpositive_special));
+  std::vector<float> sy(sx.size());
+  exp_nonpositive_all(sx, sy);
+  for (size_t i = 0; i < sx.size(); ++i) {
+    const bool ok = std::isnan(sx[i]) ? std::isnan(sy[i]) : sy[i] == 0.f && !std::signbit(sy[i]);
+    if (!ok) std::printf("fail nonpositive special exp(%.9g) = %.9g\n", sx[i], sy[i]);
   }
   return 0;
 }
