@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -16,17 +17,19 @@ ROOT = os.path.dirname(HERE)
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 29, repeats: int = 7, device: str = "cpu") -> float:
-    """Best-of-n GB/s of dst.copy_(src) counting read + write (the STREAM 'copy' convention)."""
+    """GB/s of dst.copy_(src) counting read + write (the STREAM 'copy' convention), from the
+    median of ``repeats`` copies after one warm-up: the same statistic as the ops' medians."""
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
+    times = []
+    for rep in range(repeats + 1):
         sync(device)
         start = time.perf_counter()
         dst.copy_(src)
         sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * nbytes / best / 1e9
+        if rep:
+            times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times) / 1e9
 
 
 def sync(device: str) -> None:

@@ -12,9 +12,11 @@ def device() -> str:
     return os.environ.get("TCSM_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ceiling_gbs(device) -> float:
-    """The machine's copy bandwidth (read + write), measured in this run."""
+    """The machine's copy bandwidth (read + write), measured right before each benchmark: on a
+    shared machine the bandwidth drifts within a run, and the fraction of it an op achieves is
+    only meaningful against a ceiling measured under the same load."""
     return copy_bandwidth_gbs(device=device)
 
 

@@ -30,9 +30,11 @@ def table(rows, machine) -> str:
     for r in rows:
         groups[(r.get("kind", "loss"), r["case"], r["rows"], r["vocab"])][r["impl"]] = r
     cpu = machine.get("cpu", {}).get("brand_raw", "")
+    ceilings = [r["ceiling_gbs"] for r in rows]
     lines = [f"Machine: {cpu or machine.get('machine', '?')}, {os.cpu_count()} cores, "
-             f"device {rows[0]['device'] if rows else '?'}; copy bandwidth measured in the run: "
-             f"{rows[0]['ceiling_gbs']:.1f} GB/s" if rows else "no results", "",
+             f"device {rows[0]['device']}; copy bandwidth measured before each benchmark: "
+             f"{min(ceilings):.1f}-{max(ceilings):.1f} GB/s (% of copy BW uses each op's own)"
+             if rows else "no results", "",
              "| op | case | N | V | impl | median ms | vs eager | vs compiled | vs torch | GB/s "
              "| % of copy BW | extra mem / logits |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -145,6 +145,22 @@ def test_float32_matches_reference(config, v, n, mask_id, temperature, max_log_r
         assert bool((grad[:, mask_id] == 0).all())
 
 
+@pytest.mark.parametrize("divergence", ["kl", "is", "gkl"])
+@pytest.mark.parametrize("scale,temperature", [(3.0, 1.0), (3.0, 0.7), (25.0, 1.0)],
+                         ids=["shared-exp", "shared-exp-tau", "wide-logits"])
+def test_dense_distrib_pass_one_paths(divergence, scale, temperature):
+    """Dense distrib rows over several column blocks (V = 1700, blocks of 512): pass 1 takes the
+    teacher's exp from the student's and the ratio's while s_z + s_x - s_u <= 40 (logits of
+    scale 3), its own exp beyond (scale 25); pass 2 rescales the stashed exps per block."""
+    case = make_case("dense", 37, 1700, 800, scale=scale)
+    options = dict(mask_id=800, temperature=temperature)
+    loss, grad = run_kernel(case, divergence, "distrib", "zero", **options)
+    truth = run_reference(case, divergence, "distrib", "zero", **options)
+    assert_float32_close(case, loss, grad, truth, divergence=divergence, objective="distrib",
+                         tail="zero", **options)
+    assert bool((grad[:, 800] == 0).all())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 @pytest.mark.parametrize("v,mask_id", [(41, None), (1000, 17)])
