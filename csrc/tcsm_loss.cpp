@@ -66,14 +66,39 @@ ColumnRanges participating_columns(int64_t cols, int64_t mask_id) {
   return {{0, mask_id + 1}, {mask_id, cols}, 2};
 }
 
-// Calls block(begin, end) on consecutive blocks of at most kBlock participating columns.
-template <class BlockFn>
-TCSM_INLINE void for_each_block(const ColumnRanges& ranges, BlockFn&& block) {
+// The row's offset, in elements, past the last 64-byte boundary. The torch allocator aligns
+// tensors to 64 bytes, so for the same shape, strides and storage offset this does not depend
+// on where a tensor happens to be allocated: results stay reproducible bit for bit.
+template <class Storage>
+TCSM_INLINE int64_t line_phase(const Storage* row) {
+  constexpr int64_t kLine = 64 / sizeof(Storage);
+  return static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) / sizeof(Storage)) % kLine;
+}
+
+// Calls block(begin, end) on consecutive blocks of at most kBlock participating columns of
+// row. A range's first block is shortened so that every later one starts 64-byte aligned, also
+// when V is not a multiple of 16 (unaligned rows split every vector load across two cache
+// lines: 10-25% slower in the dense-teacher kernel). All passes over a row cut it alike.
+template <class Storage, class BlockFn>
+TCSM_INLINE void for_each_block(const ColumnRanges& ranges, const Storage* row, BlockFn&& block) {
+  constexpr int64_t kLine = 64 / sizeof(Storage);
+  const int64_t phase = line_phase(row);
   for (int r = 0; r < ranges.count; ++r) {
-    for (int64_t begin = ranges.begin[r]; begin < ranges.end[r]; begin += kBlock) {
-      block(begin, std::min(begin + kBlock, ranges.end[r]));
+    for (int64_t begin = ranges.begin[r]; begin < ranges.end[r];) {
+      const int64_t end = std::min(begin + kBlock - (begin + phase) % kLine, ranges.end[r]);
+      block(begin, end);
+      begin = end;
     }
   }
+}
+
+// A per-thread float row aligned like the logits row: column k of the returned pointer starts
+// a 64-byte line where logits column k does (the vector must hold size + 32 floats).
+template <class Storage>
+TCSM_INLINE float* aligned_like(std::vector<float>& buffer, const Storage* row) {
+  const auto address = reinterpret_cast<uintptr_t>(buffer.data());
+  float* aligned = buffer.data() + ((64 - address % 64) % 64) / sizeof(float);
+  return aligned + line_phase(row) % 16;
 }
 
 // Online log-sum-exp: per block, raise the running max to the block's max (one rescale of the
@@ -181,7 +206,7 @@ OnlineLogSumExp softmax_stats(const typename Format::Storage* logits,
   OnlineLogSumExp stats;
   float* block_max = scratch.block_max.data();
   int64_t block = 0;
-  for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+  for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
     prefetch_lines(logits + begin + 2 * kBlock, logits + shape.cols, kBlockBytes<Format>);
     float local_max = -kInf;
 #pragma omp simd reduction(max : local_max)
@@ -216,7 +241,7 @@ void write_affine_softmax(const typename Format::Storage* logits, typename Forma
   const float z_log_sum = stats.log_sum();
   const float* block_max = scratch.block_max.data();
   int64_t block = 0;
-  for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+  for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
     if constexpr (kStashExp<Format>) {
       // p = exp(z - block max) * exp(block max - LSE)
       const float rescale = std::exp((block_max[block++] - z_max) - z_log_sum);
@@ -359,11 +384,11 @@ void dense_distrib_gradient(const typename Format::Storage* logits,
   const float z_max = coef.z_max, z_log_sum = coef.z_log_sum;
   const float u_max = coef.u_max, u_log_sum = coef.u_log_sum, lse_gap = coef.lse_gap;
   const float inv_v = coef.inv_v, ratio_excess = coef.ratio_excess, w = coef.weight;
-  const float* const stash_student = scratch.stash_student.data();
-  const float* const stash_second = scratch.stash_second.data();
-  float* const out_block = scratch.out_block.data();
+  const float* const stash_student = aligned_like(scratch.stash_student, logits);
+  const float* const stash_second = aligned_like(scratch.stash_second, logits);
+  float* const out_block = aligned_like(scratch.out_block, logits) - line_phase(logits) % 16;
   int64_t block = 0;
-  for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+  for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
     typename Format::Storage* const out = [&] {
       if constexpr (kStream) {
         return out_block;
@@ -428,11 +453,11 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scr
   constexpr bool kHasIS = kDivergence != Divergence::kKL;
   const float tau = shape.temperature, inv_tau = 1.f / tau;
   const float limit = shape.max_log_ratio;
-  float* const stash_student = scratch.stash_student.data();
-  float* const stash_second = scratch.stash_second.data();
+  float* const stash_student = aligned_like(scratch.stash_student, logits);
+  float* const stash_second = aligned_like(scratch.stash_second, logits);
   int64_t block = 0;
   OnlineLogSumExp student_stats, teacher_stats, ratio_stats;
-  for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+  for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
     prefetch_lines(logits + begin + 2 * kBlock, logits + shape.cols, kBlockBytes<Format>);
     prefetch_lines(teacher + begin + 2 * kBlock, teacher + shape.cols, kBlockBytes<Format>);
     float max_z = -kInf, max_u = -kInf, max_x = -kInf;
@@ -481,7 +506,7 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scr
       ratio_excess = v * std::expm1(log_mean_ratio);  // V (S/V - 1), no cancellation
     } else {
       double excess = 0.0;
-      for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+      for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
         float block_excess = 0.f;
 #pragma omp simd reduction(+ : block_excess)
         for (int64_t k = begin; k < end; ++k) {
@@ -529,7 +554,7 @@ float dense_score_gkl_row(const Row<Format>& row, const Shape& shape, Scratch&) 
   const float z_a = Format::widen(logits[row.a]);
   const float u_a = divide(Format::widen(teacher[row.a]), tau, inv_tau);
   OnlineLogSumExp student_stats, teacher_stats;
-  for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+  for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
     prefetch_lines(logits + begin + 2 * kBlock, logits + shape.cols, kBlockBytes<Format>);
     prefetch_lines(teacher + begin + 2 * kBlock, teacher + shape.cols, kBlockBytes<Format>);
     float max_z = -kInf, max_u = -kInf;
@@ -561,7 +586,7 @@ float dense_score_gkl_row(const Row<Format>& row, const Shape& shape, Scratch&) 
   const float v = shape.participating;
   const float scale = row.weight / v;
   double kl_sum = 0.0;
-  for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+  for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
     float block_kl = 0.f;
 #pragma omp simd reduction(+ : block_kl)
     for (int64_t k = begin; k < end; ++k) {
@@ -598,7 +623,7 @@ float dense_score_is_row(const Row<Format>& row, const Shape& shape, Scratch&) {
   const float v = shape.participating;
   const float scale = row.weight / v;
   double loss_sum = 0.0, excess_sum = 0.0;
-  for_each_block(shape.ranges, [&](int64_t begin, int64_t end) {
+  for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
     float block_loss = 0.f, block_excess = 0.f;
 #pragma omp simd reduction(+ : block_loss, block_excess)
     for (int64_t k = begin; k < end; ++k) {
@@ -763,12 +788,12 @@ void run(const LossProblem& problem) {
     num_threads(problem.threads > 0 ? problem.threads : omp_get_max_threads())
   {
     Scratch scratch;
-    scratch.block_max.resize(static_cast<size_t>(shape.cols / kBlock + 2));
+    scratch.block_max.resize(static_cast<size_t>(shape.cols / kBlock + 4));
     if (dense_distrib) {
       scratch.block_shift.resize(scratch.block_max.size());
-      scratch.stash_student.resize(static_cast<size_t>(shape.cols));
-      scratch.stash_second.resize(static_cast<size_t>(shape.cols));
-      scratch.out_block.resize(static_cast<size_t>(kBlock));
+      scratch.stash_student.resize(static_cast<size_t>(shape.cols + 32));
+      scratch.stash_second.resize(static_cast<size_t>(shape.cols + 32));
+      scratch.out_block.resize(static_cast<size_t>(kBlock + 16));
     }
     if (sparse) {
       scratch.column_coef.assign(static_cast<size_t>(shape.cols), 0.f);

@@ -161,6 +161,39 @@ def test_dense_distrib_pass_one_paths(divergence, scale, temperature):
     assert bool((grad[:, 800] == 0).all())
 
 
+@pytest.mark.parametrize("divergence", ["kl", "gkl"])
+def test_row_views_at_any_alignment(divergence):
+    """Column blocks are cut at the row's 64-byte lines: rows starting 0-15 floats past a line
+    (views of a wider buffer, V = 1300) give the reference's values, and two allocations of the
+    same rows give the same bits."""
+    case = make_case("dense", 16, 1316, None)
+    kw = dict(teacher_logits=None, divergence=divergence, objective="distrib", backend="cpp",
+              reduction="none")
+    for shift in (0, 3, 7, 15):
+        logits = case["logits"][:, shift:shift + 1300].detach().requires_grad_()
+        teacher = case["teacher"][:, shift:shift + 1300]
+        target = case["target"].clamp(0, 1299)
+        kw["teacher_logits"] = teacher
+        loss = tcsm_kernels.fused_tcsm_loss(logits, target, **kw)
+        (grad,) = torch.autograd.grad(loss.sum(), logits)
+        ref_logits = logits.detach().double().requires_grad_()
+        ref = reference.tcsm_loss(ref_logits, target, teacher_logits=teacher.double(),
+                                  divergence=divergence, objective="distrib", reduction="none")
+        (ref_grad,) = torch.autograd.grad(ref.sum(), ref_logits)
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    # Two allocations of the same rows (torch aligns both to 64 bytes): identical bits.
+    kw["teacher_logits"] = case["teacher"][:, :1300].contiguous()
+    results = []
+    for _ in range(2):
+        padding = torch.empty(int(torch.randint(1, 100, ())))  # moves the next allocation
+        logits = case["logits"][:, :1300].clone().requires_grad_()
+        loss = tcsm_kernels.fused_tcsm_loss(logits, case["target"].clamp(0, 1299), **kw)
+        results.append((loss, torch.autograd.grad(loss.sum(), logits)[0]))
+        del padding
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 @pytest.mark.parametrize("v,mask_id", [(41, None), (1000, 17)])
