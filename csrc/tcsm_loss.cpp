@@ -37,8 +37,6 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // Columns per block of the online max: one horizontal max per block, whose data the exp loop
 // then re-reads from L1; block partial sums are float32, row totals double.
 constexpr int64_t kBlock = 512;
-template <class Format>
-constexpr int64_t kBlockBytes = kBlock * int64_t{sizeof(typename Format::Storage)};
 // Elements (rows x columns) below which a call stays on one thread.
 constexpr int64_t kMinParallelWork = int64_t{1} << 16;
 
@@ -92,13 +90,24 @@ TCSM_INLINE void for_each_block(const ColumnRanges& ranges, const Storage* row, 
   }
 }
 
+// The first 64-byte line of a per-thread buffer (which holds 16 floats more than it is used for).
+TCSM_INLINE float* line_aligned(std::vector<float>& buffer) {
+  const auto address = reinterpret_cast<uintptr_t>(buffer.data());
+  return buffer.data() + ((64 - address % 64) % 64) / sizeof(float);
+}
+
 // A per-thread float row aligned like the logits row: column k of the returned pointer starts
 // a 64-byte line where logits column k does (the vector must hold size + 32 floats).
 template <class Storage>
 TCSM_INLINE float* aligned_like(std::vector<float>& buffer, const Storage* row) {
-  const auto address = reinterpret_cast<uintptr_t>(buffer.data());
-  float* aligned = buffer.data() + ((64 - address % 64) % 64) / sizeof(float);
-  return aligned + line_phase(row) % 16;
+  return line_aligned(buffer) + line_phase(row) % 16;
+}
+
+// Streaming passes read a block twice (max, then exps, from L1); asking for the lines two
+// blocks ahead overlaps the first read's wait on memory with the current block's exps.
+template <class Storage>
+TCSM_INLINE void prefetch_two_blocks_ahead(const Storage* row, int64_t begin, int64_t cols) {
+  prefetch_lines(row + begin + 2 * kBlock, row + cols, kBlock * int64_t{sizeof(Storage)});
 }
 
 // Online log-sum-exp: per block, raise the running max to the block's max (one rescale of the
@@ -152,7 +161,7 @@ struct Scratch {
   std::vector<float> entry_logit;   // sparse: (topk,)
   std::vector<float> block_shift;   // dense distrib: second running max of each block
   std::vector<float> stash_student; // dense distrib: (cols,) exps of pass 1, cache-resident
-  std::vector<float> stash_second;  //   between the passes
+  std::vector<float> stash_second;  //   between the passes (aligned_like the logits row)
   std::vector<float> out_block;     // dense distrib: (kBlock,) gradient block to stream out
 };
 
@@ -207,7 +216,7 @@ OnlineLogSumExp softmax_stats(const typename Format::Storage* logits,
   float* block_max = scratch.block_max.data();
   int64_t block = 0;
   for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
-    prefetch_lines(logits + begin + 2 * kBlock, logits + shape.cols, kBlockBytes<Format>);
+    prefetch_two_blocks_ahead(logits, begin, shape.cols);
     float local_max = -kInf;
 #pragma omp simd reduction(max : local_max)
     for (int64_t k = begin; k < end; ++k) {
@@ -386,7 +395,7 @@ void dense_distrib_gradient(const typename Format::Storage* logits,
   const float inv_v = coef.inv_v, ratio_excess = coef.ratio_excess, w = coef.weight;
   const float* const stash_student = aligned_like(scratch.stash_student, logits);
   const float* const stash_second = aligned_like(scratch.stash_second, logits);
-  float* const out_block = aligned_like(scratch.out_block, logits) - line_phase(logits) % 16;
+  float* const out_block = line_aligned(scratch.out_block);
   int64_t block = 0;
   for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
     typename Format::Storage* const out = [&] {
@@ -458,8 +467,8 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scr
   int64_t block = 0;
   OnlineLogSumExp student_stats, teacher_stats, ratio_stats;
   for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
-    prefetch_lines(logits + begin + 2 * kBlock, logits + shape.cols, kBlockBytes<Format>);
-    prefetch_lines(teacher + begin + 2 * kBlock, teacher + shape.cols, kBlockBytes<Format>);
+    prefetch_two_blocks_ahead(logits, begin, shape.cols);
+    prefetch_two_blocks_ahead(teacher, begin, shape.cols);
     float max_z = -kInf, max_u = -kInf, max_x = -kInf;
 #pragma omp simd reduction(max : max_z, max_u, max_x)
     for (int64_t k = begin; k < end; ++k) {
@@ -555,8 +564,8 @@ float dense_score_gkl_row(const Row<Format>& row, const Shape& shape, Scratch&) 
   const float u_a = divide(Format::widen(teacher[row.a]), tau, inv_tau);
   OnlineLogSumExp student_stats, teacher_stats;
   for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
-    prefetch_lines(logits + begin + 2 * kBlock, logits + shape.cols, kBlockBytes<Format>);
-    prefetch_lines(teacher + begin + 2 * kBlock, teacher + shape.cols, kBlockBytes<Format>);
+    prefetch_two_blocks_ahead(logits, begin, shape.cols);
+    prefetch_two_blocks_ahead(teacher, begin, shape.cols);
     float max_z = -kInf, max_u = -kInf;
 #pragma omp simd reduction(max : max_z, max_u)
     for (int64_t k = begin; k < end; ++k) {

@@ -16,20 +16,21 @@
 
 namespace {
 
-void exp_all(const std::vector<float>& x, std::vector<float>& y) {
+template <class Exp>
+void apply_all(Exp exp, const std::vector<float>& x, std::vector<float>& y) {
   const float* in = x.data();
   float* out = y.data();
   const size_t n = x.size();
 #pragma omp simd
-  for (size_t i = 0; i < n; ++i) out[i] = tcsm::fast_exp(in[i]);
+  for (size_t i = 0; i < n; ++i) out[i] = exp(in[i]);
+}
+
+void exp_all(const std::vector<float>& x, std::vector<float>& y) {
+  apply_all([](float v) { return tcsm::fast_exp(v); }, x, y);
 }
 
 void exp_nonpositive_all(const std::vector<float>& x, std::vector<float>& y) {
-  const float* in = x.data();
-  float* out = y.data();
-  const size_t n = x.size();
-#pragma omp simd
-  for (size_t i = 0; i < n; ++i) out[i] = tcsm::fast_exp_nonpositive(in[i]);
+  apply_all([](float v) { return tcsm::fast_exp_nonpositive(v); }, x, y);
 }
 
 float from_bits(uint32_t bits) {
