@@ -2,6 +2,7 @@
 after a change), interleaved so that both see the same machine load.
 
     python benchmarks/compare_cpu_kernels.py BASE_ROOT NEW_ROOT [--rounds 3] [--rows 4096]
+        [--cols 32768] [--cases dense_gkl_distrib,dense_gkl_distrib/inplace]
 
 Each ROOT is a directory holding a built ``tcsm_kernels`` package. Every round runs one worker
 process per build, alternating; a worker times (median of 5, after one warm-up) the copy
@@ -29,7 +30,7 @@ CASES = {"copy": 8, **LOSSES, **{f"{name}/inplace": b for name, b in LOSSES.item
          "ctmc_step": 4}
 
 
-def worker(root: str, rows: int, cols: int, reps: int) -> dict:
+def worker(root: str, rows: int, cols: int, reps: int, cases: list) -> dict:
     sys.path.insert(0, root)
     import torch
 
@@ -79,7 +80,8 @@ def worker(root: str, rows: int, cols: int, reps: int) -> dict:
     runs["ctmc_step"] = (None, lambda: ctmc_step(logits, x, jump, mask_id=cols - 1,
                                                  backend="cpp", check=False))
     out = {}
-    for name, (prepare, fn) in runs.items():
+    for name in cases:
+        prepare, fn = runs[name]
         times = []
         for rep in range(reps + 1):  # the first call warms up
             if prepare is not None:
@@ -100,10 +102,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--cols", type=int, default=32768)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help="comma-separated subset of: " + ", ".join(CASES))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    cases = list(dict.fromkeys(["copy", *args.cases.split(",")]))  # copy: the % column
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown --cases {unknown}; choose from {list(CASES)}")
     if args.worker:
-        print(json.dumps(worker(args.worker, args.rows, args.cols, args.reps)))
+        print(json.dumps(worker(args.worker, args.rows, args.cols, args.reps, cases)))
         return
     results = {"base": [], "new": []}
     for _ in range(args.rounds):
@@ -111,16 +119,18 @@ def main() -> None:
             root = getattr(args, label)
             proc = subprocess.run(
                 [sys.executable, __file__, args.base, args.new, "--worker", root,
-                 "--rows", str(args.rows), "--cols", str(args.cols), "--reps", str(args.reps)],
+                 "--rows", str(args.rows), "--cols", str(args.cols), "--reps", str(args.reps),
+                 "--cases", ",".join(cases)],
                 check=True, capture_output=True, text=True)
             results[label].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     elements = args.rows * args.cols
-    med = {label: {name: statistics.median(r[name] for r in runs) for name in CASES}
+    med = {label: {name: statistics.median(r[name] for r in runs) for name in cases}
            for label, runs in results.items()}
     print(f"N={args.rows} V={args.cols} float32, 2 threads, {args.rounds} interleaved rounds")
     print(f"{'case':26s} {'base ms':>9s} {'GB/s':>6s} {'%copy':>6s} {'new ms':>9s} {'GB/s':>6s}"
           f" {'%copy':>6s} {'new/base':>8s}")
-    for name, bytes_per in CASES.items():
+    for name in cases:
+        bytes_per = CASES[name]
         row = [f"{name:26s}"]
         for label in ("base", "new"):
             t = med[label][name]

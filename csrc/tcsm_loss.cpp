@@ -45,10 +45,12 @@ constexpr int64_t kMinParallelWork = int64_t{1} << 16;
 TCSM_INLINE float clamped_exp(float x, float limit) { return fast_exp(limit < x ? limit : x); }
 
 // x / divisor as the division rounds it (but for rare ties), without a division in the
-// column loops: one correction of x * (1 / divisor) by its exact fma residual.
+// column loops: one correction of x * (1 / divisor) by its exact fma residual. An infinite
+// quotient (x = -inf: a banned token) is kept as is; its residual inf - inf would be NaN.
 TCSM_INLINE float divide(float x, float divisor, float inverse) {
   const float quotient = x * inverse;
-  return std::fma(std::fma(-quotient, divisor, x), inverse, quotient);
+  const float corrected = std::fma(std::fma(-quotient, divisor, x), inverse, quotient);
+  return std::fabs(quotient) <= std::numeric_limits<float>::max() ? corrected : quotient;
 }
 
 // The participating columns, [0, V) without the mask column (SPEC 1: the mask column acts as a
@@ -318,8 +320,9 @@ TCSM_INLINE float teacher_over_tau(typename Format::Storage value, float tau, fl
   }
 }
 
-// exp(u - s_u) = exp(z - s_z) exp(u - z - s_x) exp(s_z + s_x - s_u) with the block's running
-// maxima s (s_z + s_x >= s_u, so the last factor is >= 1). Pass 1 takes the teacher's term as
+// exp(u - s_u) = exp(z - s_z) exp(u - z - s_x) exp(s_z - s_u + s_x) with the block's running
+// maxima s (s_z + s_x >= s_u, so the last factor is >= 1; s_z - s_u is formed first, so the
+// exponent is exactly 0 when one column holds all three maxima). Pass 1 takes the teacher's term as
 // that product, one exp fewer, when the last factor is at most e^40: then the two exps (each
 // <= 1) cannot flush to 0 where the teacher's term is above e^-47, a relative e^-47 of the
 // row's largest term, far below float32 rounding of the sum.
@@ -332,66 +335,115 @@ enum class DistribSums { kStudentTeacher, kShared, kAll };
 
 struct DistribBlockSums {
   float z = 0.f, u = 0.f, x = 0.f;
+  float teacher_weighted = 0.f;  // kl: sum_y exp(u_y - s_u) (d_y - c), 0 where the weight is 0
+  float pivoted = 0.f;           // is: sum_y (d_y - c)
 };
 
 // Pass 1 sums of one block. Keeps exp(z - s_z) in stash_student and the second exp (teacher's
-// for kl, ratio's for is/gkl) in stash_second for pass 2, which then needs no exp.
-template <class Format, bool kUnitTau, DistribSums kSums>
+// for kl, ratio's for is/gkl) in stash_second for pass 2, which then needs no exp. Also sums
+// d = u - z against the row's pivot c (see DistribDivergenceSums), so that pass 2 reads
+// neither z nor u.
+template <class Format, Divergence kDivergence, bool kUnitTau, DistribSums kSums>
 TCSM_INLINE DistribBlockSums distrib_block_sums(const typename Format::Storage* logits,
                                                 const typename Format::Storage* teacher,
                                                 float* stash_student, float* stash_second,
                                                 int64_t begin, int64_t end, float tau,
                                                 float inv_tau, float shift_z, float shift_u,
-                                                float shift_x) {
+                                                float shift_x, float pivot) {
+  constexpr bool kHasKL = kDivergence != Divergence::kIS;
+  constexpr bool kHasIS = kDivergence != Divergence::kKL;
   const float joint =
-      kSums == DistribSums::kShared ? fast_exp((shift_z + shift_x) - shift_u) : 0.f;
-  float sum_z = 0.f, sum_u = 0.f, sum_x = 0.f;
-#pragma omp simd reduction(+ : sum_z, sum_u, sum_x)
+      kSums == DistribSums::kShared ? fast_exp((shift_z - shift_u) + shift_x) : 0.f;
+  float sum_z = 0.f, sum_u = 0.f, sum_x = 0.f, teacher_weighted = 0.f, pivoted = 0.f;
+#pragma omp simd reduction(+ : sum_z, sum_u, sum_x, teacher_weighted, pivoted)
   for (int64_t k = begin; k < end; ++k) {
     const float z = Format::widen(logits[k]);
     const float u = teacher_over_tau<Format, kUnitTau>(teacher[k], tau, inv_tau);
     const float e_z = fast_exp(z - shift_z);
     sum_z += e_z;
     stash_student[k] = e_z;
+    float e_u;
     if constexpr (kSums == DistribSums::kStudentTeacher) {
-      const float e_u = fast_exp(u - shift_u);
-      sum_u += e_u;
+      e_u = fast_exp(u - shift_u);
       stash_second[k] = e_u;
     } else {
       const float e_x = fast_exp((u - z) - shift_x);
       sum_x += e_x;
       stash_second[k] = e_x;
-      sum_u += kSums == DistribSums::kShared ? (e_z * e_x) * joint : fast_exp(u - shift_u);
+      e_u = kSums == DistribSums::kShared ? (e_z * e_x) * joint : fast_exp(u - shift_u);
     }
+    sum_u += e_u;
+    const float d = (u - z) - pivot;
+    // 0 log 0 = 0: a teacher weight of 0 (u = -inf, so d = -inf) adds nothing to the KL.
+    if constexpr (kHasKL) teacher_weighted += e_u > 0.f ? e_u * d : 0.f;
+    if constexpr (kHasIS) pivoted += d;
   }
-  return {sum_z, sum_u, sum_x};
+  return {sum_z, sum_u, sum_x, teacher_weighted, pivoted};
+}
+
+// The KL and IS sums of a dense distrib row, gathered in pass 1. With d_y = u_y/tau - z_y and
+// r_y = d_y - gap: KL = sum_y q_y r_y = E_q[d - c] + (c - gap) and sum_y r_y =
+// sum_y (d_y - c) + V (c - gap), for any pivot c. The pivot is the running max of d (0 while
+// it is not finite), so d - c stays on the scale of r even when u and z share a large offset,
+// and c - gap lies in [0, max_log_ratio] below the clamp. When the pivot or the teacher's
+// running max rises, the sums gathered so far are rebased exactly.
+struct DistribDivergenceSums {
+  float pivot = 0.f;
+  double teacher_weighted = 0.0;  // sum_y exp(u_y - s_u) (d_y - c), at the teacher's scale s_u
+  double pivoted = 0.0;           // sum_y (d_y - c)
+  double columns = 0.0;
+
+  // Before a block: new pivot from the running max of d; the teacher's scale moved from
+  // old_shift_u (where its sum was old_teacher_sum) to shift_u.
+  void rebase(float max_x, float old_shift_u, double old_teacher_sum, float shift_u) {
+    const float next = std::isfinite(max_x) ? max_x : 0.f;
+    const double lowered = static_cast<double>(pivot) - next;
+    if (old_teacher_sum > 0.0) {
+      teacher_weighted = (teacher_weighted + lowered * old_teacher_sum) *
+                         std::exp(static_cast<double>(old_shift_u) - shift_u);
+    }
+    pivoted += lowered * columns;
+    pivot = next;
+  }
+  void add(const DistribBlockSums& sums, int64_t block_columns) {
+    teacher_weighted += sums.teacher_weighted;
+    pivoted += sums.pivoted;
+    columns += static_cast<double>(block_columns);
+  }
+};
+
+// x - gap with gap = LSE_u - LSE_z kept as its two parts, (u_max - z_max) + (u_log_sum -
+// z_log_sum): when u and z share a large offset, x - (u_max - z_max) is exact for x near it,
+// and nothing is lost to rounding gap itself (one float32 ulp of the offset, above the KL).
+TCSM_INLINE float minus_gap(float x, float max_gap, float log_sum_gap) {
+  return (x - max_gap) - log_sum_gap;
 }
 
 // Row constants of the dense distrib gradient pass (no pointers: see Row).
 struct DistribGradient {
   float tau, inv_tau, limit;
-  float z_max, z_log_sum, u_max, u_log_sum, lse_gap;
+  float z_max, z_log_sum, u_max, u_log_sum, max_gap, log_sum_gap;
   float inv_v, ratio_excess, weight;
 };
 
-// Pass 2 of dense_distrib_row: gradient, KL and IS sums, from pass 1's stashed exps rescaled
-// per block: p = exp(z - s_z) exp(s_z - LSE_z); kl: q = exp(u - s_u) exp(s_u - LSE_u); is/gkl
-// with kStashedRatio (no r_y above the clamp): q/p = exp(u - z - s_x) exp(s_x - gap) and, for
-// gkl, q = p (q/p). Above the clamp, q/p and q are exps of their own.
-// With kStream (float32 gradient in its own buffer) each block goes through out_block and is
-// streamed to memory.
+// Pass 2 of dense_distrib_row: the gradient, from pass 1's stashed exps rescaled per block:
+// p = exp(z - s_z) exp(s_z - LSE_z); kl: q = exp(u - s_u) exp(s_u - LSE_u); is/gkl with
+// kStashedRatio (no r_y above the clamp): q/p = exp(u - z - s_x) exp(s_x - gap) and, for gkl,
+// q = p (q/p). Then only the stashes (in cache) are read. Above the clamp, q/p and q are exps
+// of their own, from z and u. With kStream (float32 gradient in its own buffer) each block
+// goes through out_block and is streamed to memory.
 template <class Format, Divergence kDivergence, bool kUnitTau, bool kStashedRatio, bool kStream>
 void dense_distrib_gradient(const typename Format::Storage* logits,
                             const typename Format::Storage* teacher,
                             typename Format::Storage* grad, const Shape& shape,
-                            Scratch& scratch, const DistribGradient& coef,
-                            double& kl_sum, double& is_sum) {
+                            Scratch& scratch, const DistribGradient& coef) {
   constexpr bool kHasKL = kDivergence != Divergence::kIS;
   constexpr bool kHasIS = kDivergence != Divergence::kKL;
   // Locals, not struct fields, in the loop: grad's stores could alias the struct.
   const float tau = coef.tau, inv_tau = coef.inv_tau, limit = coef.limit;
   const float z_max = coef.z_max, z_log_sum = coef.z_log_sum;
-  const float u_max = coef.u_max, u_log_sum = coef.u_log_sum, lse_gap = coef.lse_gap;
+  const float u_max = coef.u_max, u_log_sum = coef.u_log_sum;
+  const float max_gap = coef.max_gap, log_sum_gap = coef.log_sum_gap;
   const float inv_v = coef.inv_v, ratio_excess = coef.ratio_excess, w = coef.weight;
   const float* const stash_student = aligned_like(scratch.stash_student, logits);
   const float* const stash_second = aligned_like(scratch.stash_second, logits);
@@ -407,52 +459,43 @@ void dense_distrib_gradient(const typename Format::Storage* logits,
     }();
     const float rescale_p = std::exp((scratch.block_max[block] - z_max) - z_log_sum);
     const float second_shift = scratch.block_shift[block++];
-    const float rescale_second = kHasIS ? std::exp(second_shift - lse_gap)
+    const float rescale_second = kHasIS ? std::exp(minus_gap(second_shift, max_gap, log_sum_gap))
                                         : std::exp((second_shift - u_max) - u_log_sum);
-    float block_kl = 0.f, block_is = 0.f;
-#pragma omp simd reduction(+ : block_kl, block_is)
+#pragma omp simd
     for (int64_t k = begin; k < end; ++k) {
-      const float z = Format::widen(logits[k]);
-      const float u = teacher_over_tau<Format, kUnitTau>(teacher[k], tau, inv_tau);
       const float p = rescale_p * stash_student[k];
-      const float r = (u - z) - lse_gap;
       float ratio_k = 0.f;
-      if constexpr (kHasIS) {
-        ratio_k = kStashedRatio ? rescale_second * stash_second[k] : clamped_exp(r, limit);
+      float q = 0.f;
+      if constexpr (kHasIS && kStashedRatio) {
+        ratio_k = rescale_second * stash_second[k];
+        q = p * ratio_k;
+      } else if constexpr (kHasIS) {
+        const float z = Format::widen(logits[k]);
+        const float u = teacher_over_tau<Format, kUnitTau>(teacher[k], tau, inv_tau);
+        ratio_k = clamped_exp(minus_gap(u - z, max_gap, log_sum_gap), limit);
+        if constexpr (kHasKL) q = fast_exp((u - u_max) - u_log_sum);
+      } else {
+        q = rescale_second * stash_second[k];
       }
       float grad_k = 0.f;
-      if constexpr (kHasKL) {
-        // kl: loss sum_y q_y r_y; grad p - q
-        float q;
-        if constexpr (!kHasIS) {
-          q = rescale_second * stash_second[k];
-        } else {
-          q = kStashedRatio ? p * ratio_k : fast_exp((u - u_max) - u_log_sum);
-        }
-        grad_k += p - q;
-        block_kl += q * r;
-      }
-      if constexpr (kHasIS) {
-        // is: loss (1/V) sum_y [q_y/p_y - r_y - 1]; grad (1/V)(1 - q/p + p (S - V))
-        grad_k += inv_v * ((1.f - ratio_k) + p * ratio_excess);
-        block_is += (ratio_k - r) - 1.f;
-      }
+      // kl: grad p - q
+      if constexpr (kHasKL) grad_k += p - q;
+      // is: grad (1/V)(1 - q/p + p (S - V))
+      if constexpr (kHasIS) grad_k += inv_v * ((1.f - ratio_k) + p * ratio_excess);
       out[k - begin] = Format::narrow(w * grad_k);
     }
     if constexpr (kStream) stream_floats(grad + begin, out_block, end - begin);
-    kl_sum += block_kl;
-    is_sum += block_is;
   });
   if constexpr (kStream) stream_fence();
 }
 
 // SPEC 4.2, dense teacher, distrib objective; q = softmax(u / tau), r = log(q / p).
-// Pass 1: LSE of z and of u/tau and, for is/gkl, the online LSE of u/tau - z, which gives
-// sum_y q_y / p_y = exp(LSE(u/tau - z) - (LSE_u - LSE_z)) when no r_y reaches the clamp
-// (otherwise one extra pass sums the clamped exp(r_y)). Pass 2: gradient, KL and IS sums.
-// Two exps per column in all (pass 1), unless some r_y reaches the clamp. The stashes are
-// per-thread rows that stay in cache, so a gradient written over the logits equals one
-// written to its own buffer, bit for bit.
+// Pass 1: LSE of z and of u/tau, the KL and IS sums (DistribDivergenceSums) and, for is/gkl,
+// the online LSE of u/tau - z, which gives sum_y q_y / p_y = exp(LSE(u/tau - z) - (LSE_u -
+// LSE_z)) when no r_y reaches the clamp (otherwise one extra pass sums the clamped exp(r_y)).
+// Pass 2: the gradient. Two exps per column in all (pass 1), unless some r_y reaches the
+// clamp. The stashes are per-thread rows that stay in cache, so a gradient written over the
+// logits equals one written to its own buffer, bit for bit.
 template <class Format, Divergence kDivergence, bool kUnitTau>
 float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
   const auto* const logits = row.logits;
@@ -466,6 +509,7 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scr
   float* const stash_second = aligned_like(scratch.stash_second, logits);
   int64_t block = 0;
   OnlineLogSumExp student_stats, teacher_stats, ratio_stats;
+  DistribDivergenceSums divergence_sums;
   for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
     prefetch_two_blocks_ahead(logits, begin, shape.cols);
     prefetch_two_blocks_ahead(teacher, begin, shape.cols);
@@ -479,39 +523,45 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scr
       max_x = u - z > max_x ? u - z : max_x;
     }
     const float shift_z = student_stats.raise(max_z);
+    const float old_shift_u = teacher_stats.max;
+    const double old_teacher_sum = teacher_stats.sum;
     const float shift_u = teacher_stats.raise(max_u);
     const float shift_x = ratio_stats.raise(max_x);
+    divergence_sums.rebase(shift_x, old_shift_u, old_teacher_sum, shift_u);
     scratch.block_max[block] = shift_z;
     scratch.block_shift[block++] = kHasIS ? shift_x : shift_u;
     DistribBlockSums sums;
     if constexpr (!kHasIS) {
-      sums = distrib_block_sums<Format, kUnitTau, DistribSums::kStudentTeacher>(
+      sums = distrib_block_sums<Format, kDivergence, kUnitTau, DistribSums::kStudentTeacher>(
           logits, teacher, stash_student, stash_second, begin, end, tau, inv_tau, shift_z,
-          shift_u, shift_x);
-    } else if ((shift_z + shift_x) - shift_u <= kMaxJointShift) {  // false for NaN
-      sums = distrib_block_sums<Format, kUnitTau, DistribSums::kShared>(
+          shift_u, shift_x, divergence_sums.pivot);
+    } else if ((shift_z - shift_u) + shift_x <= kMaxJointShift) {  // false for NaN
+      sums = distrib_block_sums<Format, kDivergence, kUnitTau, DistribSums::kShared>(
           logits, teacher, stash_student, stash_second, begin, end, tau, inv_tau, shift_z,
-          shift_u, shift_x);
+          shift_u, shift_x, divergence_sums.pivot);
     } else {
-      sums = distrib_block_sums<Format, kUnitTau, DistribSums::kAll>(
+      sums = distrib_block_sums<Format, kDivergence, kUnitTau, DistribSums::kAll>(
           logits, teacher, stash_student, stash_second, begin, end, tau, inv_tau, shift_z,
-          shift_u, shift_x);
+          shift_u, shift_x, divergence_sums.pivot);
     }
     student_stats.sum += sums.z;
     teacher_stats.sum += sums.u;
     ratio_stats.sum += sums.x;
+    divergence_sums.add(sums, end - begin);
   });
   const float z_max = student_stats.max, z_log_sum = student_stats.log_sum();
   const float u_max = teacher_stats.max, u_log_sum = teacher_stats.log_sum();
-  const float lse_gap = (u_max - z_max) + (u_log_sum - z_log_sum);  // r = (u/tau - z) - gap
+  // r = (u/tau - z) - gap, gap = LSE_u - LSE_z in two parts (minus_gap)
+  const float max_gap = u_max - z_max, log_sum_gap = u_log_sum - z_log_sum;
   const float v = shape.participating;
   // ratio_excess = S - V = sum_y (exp(r_y) - 1), clamped exponents (the IS gradient's p*S - V p)
   float ratio_excess = 0.f;
-  const bool below_clamp = ratio_stats.max - lse_gap <= limit;
+  const float max_ratio_exponent = minus_gap(ratio_stats.max, max_gap, log_sum_gap);  // max r
+  const bool below_clamp = max_ratio_exponent <= limit;
   if constexpr (kHasIS) {
     if (below_clamp) {
       const float log_mean_ratio =
-          (ratio_stats.max - lse_gap) + (ratio_stats.log_sum() - std::log(v));  // log(S / V)
+          max_ratio_exponent + (ratio_stats.log_sum() - std::log(v));  // log(S / V)
       ratio_excess = v * std::expm1(log_mean_ratio);  // V (S/V - 1), no cancellation
     } else {
       double excess = 0.0;
@@ -521,7 +571,7 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scr
         for (int64_t k = begin; k < end; ++k) {
           const float z = Format::widen(logits[k]);
           const float u = teacher_over_tau<Format, kUnitTau>(teacher[k], tau, inv_tau);
-          block_excess += clamped_exp((u - z) - lse_gap, limit) - 1.f;
+          block_excess += clamped_exp(minus_gap(u - z, max_gap, log_sum_gap), limit) - 1.f;
         }
         excess += block_excess;
       });
@@ -529,8 +579,7 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scr
     }
   }
   const DistribGradient coef{tau,     inv_tau, limit,   z_max,        z_log_sum, u_max,
-                             u_log_sum, lse_gap, 1.f / v, ratio_excess, row.weight};
-  double kl_sum = 0.0, is_sum = 0.0;
+                             u_log_sum, max_gap, log_sum_gap, 1.f / v, ratio_excess, row.weight};
   // With no r_y above the clamp, q/p = exp(r) comes from the stash and gkl's q = p exp(r).
   // Where p flushes to 0 (below FLT_MIN), q = p exp(r) < e^limit FLT_MIN flushes with it.
   constexpr bool kStreamable = kCanStream && std::is_same_v<Format, Float32>;
@@ -538,16 +587,28 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scr
       kStreamable && static_cast<const void*>(grad) != static_cast<const void*>(logits);
   if (below_clamp && stream) {
     dense_distrib_gradient<Format, kDivergence, kUnitTau, true, kStreamable>(
-        logits, teacher, grad, shape, scratch, coef, kl_sum, is_sum);
+        logits, teacher, grad, shape, scratch, coef);
   } else if (below_clamp) {
-    dense_distrib_gradient<Format, kDivergence, kUnitTau, true, false>(
-        logits, teacher, grad, shape, scratch, coef, kl_sum, is_sum);
+    dense_distrib_gradient<Format, kDivergence, kUnitTau, true, false>(logits, teacher, grad,
+                                                                       shape, scratch, coef);
   } else {
-    dense_distrib_gradient<Format, kDivergence, kUnitTau, false, false>(
-        logits, teacher, grad, shape, scratch, coef, kl_sum, is_sum);
+    dense_distrib_gradient<Format, kDivergence, kUnitTau, false, false>(logits, teacher, grad,
+                                                                        shape, scratch, coef);
   }
   zero_mask_column<Format>(grad, shape);
-  return static_cast<float>(kl_sum + is_sum / v);
+  // KL = E_q[d - c] + (c - gap); IS = (1/V) sum_y [exp(r_y) - r_y - 1]
+  //    = (1/V) [(S - V) - sum_y (d_y - c)] - (c - gap)
+  // c - gap from the double sums: a KL near 0 is not lost to float32 rounding of the log sums
+  const double pivot_gap = static_cast<double>(divergence_sums.pivot - max_gap) -
+                           (std::log(teacher_stats.sum) - std::log(student_stats.sum));
+  double loss = 0.0;
+  if constexpr (kHasKL) {
+    loss += divergence_sums.teacher_weighted / teacher_stats.sum + pivot_gap;
+  }
+  if constexpr (kHasIS) {
+    loss += (static_cast<double>(ratio_excess) - divergence_sums.pivoted) / v - pivot_gap;
+  }
+  return static_cast<float>(loss);
 }
 
 // SPEC 4.3, dense teacher, score objective, gkl: (1/V) GKL(q/q_a, p/p_a). With clamped
@@ -587,7 +648,7 @@ float dense_score_gkl_row(const Row<Format>& row, const Shape& shape, Scratch&) 
   });
   const float z_max = student_stats.max, z_log_sum = student_stats.log_sum();
   const float u_max = teacher_stats.max, u_log_sum = teacher_stats.log_sum();
-  const float lse_gap = (u_max - z_max) + (u_log_sum - z_log_sum);
+  const float max_gap = u_max - z_max, log_sum_gap = u_log_sum - z_log_sum;
   const float log_inv_pa = (z_max - z_a) + z_log_sum;
   const float log_inv_qa = (u_max - u_a) + u_log_sum;
   const float inv_pa = clamped_exp(log_inv_pa, shape.max_log_ratio);
@@ -603,7 +664,8 @@ float dense_score_gkl_row(const Row<Format>& row, const Shape& shape, Scratch&) 
       const float u = divide(Format::widen(teacher[k]), tau, inv_tau);
       const float p = fast_exp((z - z_max) - z_log_sum);
       const float q = fast_exp((u - u_max) - u_log_sum);
-      block_kl += q * ((u - z) - lse_gap);
+      const float r = minus_gap(u - z, max_gap, log_sum_gap);
+      block_kl += q > 0.f ? q * r : 0.f;  // 0 log 0 = 0 (u = -inf)
       grad[k] = Format::narrow(scale * (p * inv_pa - q * inv_qa));
     }
     kl_sum += block_kl;

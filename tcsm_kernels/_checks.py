@@ -121,6 +121,12 @@ def finite_rows(row_values: torch.Tensor, inputs, check: bool) -> None:
         if values is not None and bool((torch.isnan(values[row]) | (values[row] == float("inf"))).any()):
             raise ValueError(f"{name} contains NaN or +inf (row {row}); pass check=False to skip "
                              "this check")
+    for name, values in inputs:
+        if values is not None and bool((values[row] == float("-inf")).any()):
+            raise ValueError(f"the result of row {row} is infinite: {name} has -inf entries, a "
+                             "probability of 0 where the divergence needs one above 0 (e.g. the "
+                             "target's or the teacher's token, or any column for is/gkl against "
+                             "a -inf teacher); pass check=False to get the infinite value")
     raise ValueError(f"the result of row {row} is not finite although its inputs are; please "
                      "report this with the inputs")
 

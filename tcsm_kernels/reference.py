@@ -52,6 +52,13 @@ def _remap_ids(ids: torch.Tensor, mask_id: Optional[int]) -> torch.Tensor:
     return ids - (ids > mask_id).to(ids.dtype)
 
 
+def _teacher_kl(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """(N,) KL(q || p) = sum_y q_y (log q_y - log p_y), with 0 log 0 = 0 where q_y = 0 (a -inf
+    teacher logit); the ratio is zeroed there before the product so autograd sees no NaN."""
+    log_ratio = torch.where(logq > float("-inf"), logq - logp, 0.0)
+    return (logq.exp() * log_ratio).sum(1)
+
+
 def _row_losses(inp: _checks.LossInputs, *, divergence, objective, mask_id, temperature,
                 ignore_index, tail, max_log_ratio) -> torch.Tensor:
     """(N,) unweighted per-row losses (SPEC 4); ignored rows hold finite placeholders."""
@@ -76,15 +83,14 @@ def _row_losses(inp: _checks.LossInputs, *, divergence, objective, mask_id, temp
     if inp.kind == "dense":
         u = _drop_column(inp.teacher_logits.to(ct), mask_id) / temperature
         logq = u - torch.logsumexp(u, dim=1, keepdim=True)
+        kl = _teacher_kl(logq, logp)
         if objective == "distrib":  # SPEC 4.2
             log_ratio = logq - logp  # log(q / p)
-            kl = (logq.exp() * log_ratio).sum(1)
             is_ = (exp_(log_ratio) - log_ratio - 1).sum(1) / v
             return {"kl": kl, "is": is_, "gkl": kl + is_}[divergence]
         logq_a = logq.gather(1, a[:, None])[:, 0]
         logp_a = logp.gather(1, a[:, None])[:, 0]
         if divergence == "gkl":  # SPEC 4.3: (1/V) GKL(q/q_a, p/p_a)
-            kl = (logq.exp() * (logq - logp)).sum(1)
             return ((kl - logq_a + logp_a) * exp_(-logq_a) - exp_(-logq_a) + exp_(-logp_a)) / v
         # SPEC 4.3, is: r_y = log(A_y / B_y) = (log q_y - log q_a) - (z_y - z_a)
         r = (logq - logq_a[:, None]) - (z - z_a[:, None])

@@ -133,6 +133,51 @@ def test_extreme_logits_and_all_ignored(backend, request):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("divergence,objective", [("kl", "distrib"), ("gkl", "score")])
+def test_teacher_with_banned_tokens(backend, divergence, objective, temperature, request):
+    """-inf teacher logits (banned or padding tokens, q = 0) add 0 log 0 = 0 to the KL: the loss
+    and gradient stay finite and equal the float64 reference's. Regression: the kernels formed
+    q * log(q / p) = 0 * -inf = NaN there, and the C++ division by tau turned -inf into NaN."""
+    device = device_for(backend, request)
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(9, 600, generator=gen) * 3
+    teacher = torch.randn(9, 600, generator=gen) * 3
+    teacher[:, 550:] = float("-inf")  # a padded vocabulary
+    teacher[torch.rand(9, 600, generator=gen) < 0.1] = float("-inf")
+    target = torch.randint(0, 550, (9,), generator=gen)
+    teacher[torch.arange(9), target] = 1.0  # the score objective's token has q_a > 0
+    kw = dict(teacher_logits=teacher, divergence=divergence, objective=objective,
+              temperature=temperature, reduction="none")
+    upstream = torch.randn(9, generator=gen)
+    want_loss, want_grad = run(reference.tcsm_loss, z.double(), target,
+                               dict(kw, teacher_logits=teacher.double()), upstream.double())
+    got_loss, got_grad = run(fused_tcsm_loss, z.to(device), target.to(device),
+                             to(dict(kw, backend=backend), device), upstream.to(device))
+    assert bool(torch.isfinite(want_loss).all()) and bool(torch.isfinite(want_grad).all())
+    torch.testing.assert_close(got_loss.cpu().double(), want_loss, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(got_grad.cpu().double(), want_grad, rtol=2e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_infinite_divergence_is_reported_as_such(backend, request):
+    """A -inf teacher logit makes is/gkl distrib infinite (-log(q/p) = inf): checked mode names
+    the -inf entries, unchecked mode returns +inf."""
+    device = device_for(backend, request)
+    z = torch.randn(2, 50)
+    teacher = torch.randn(2, 50)
+    teacher[1, 7] = float("-inf")
+    kw = dict(teacher_logits=teacher.to(device), divergence="gkl", reduction="none",
+              backend=backend)
+    with pytest.raises(ValueError, match="row 1 is infinite: teacher_logits has -inf"):
+        fused_tcsm_loss(z.to(device), torch.zeros(2, dtype=torch.long, device=device), **kw,
+                        check=True)
+    loss = fused_tcsm_loss(z.to(device), torch.zeros(2, dtype=torch.long, device=device), **kw,
+                           check=False)
+    assert bool(torch.isfinite(loss[0])) and loss[1].item() == float("inf")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_backward_and_strided_logits(backend, request):
     device = device_for(backend, request)
     z, target, kw = make_case(dict(divergence="gkl", teacher="dense"), n=12, v=33)

@@ -161,6 +161,39 @@ def test_dense_distrib_pass_one_paths(divergence, scale, temperature):
     assert bool((grad[:, 800] == 0).all())
 
 
+@pytest.mark.parametrize("divergence", ["kl", "is", "gkl"])
+@pytest.mark.parametrize("pattern", ["offset", "rising", "falling"])
+def test_dense_distrib_sums_across_blocks(divergence, pattern):
+    """Pass 1 gathers the KL and IS sums against a pivot (the running max of u - z) and rebases
+    them when the pivot or the teacher's max rises. Rows whose maxima rise in every block
+    ("rising") or only in the first ("falling") match the float64 reference. In "offset" the
+    teacher is the student shifted by 1000 plus small noise (KL near 0 on top of a large common
+    offset); the logits lie on a grid of 1/64 and the noise on one of 1/1024, so u - z is exact
+    in float32, and the kernel, unlike the eager float32 reference (whose log q rounds at 1000),
+    stays within float32 rounding of its sums of the small KL (about 2e-5)."""
+    case = make_case("dense", 12, 2600, None)
+    if pattern == "offset":
+        gen = torch.Generator().manual_seed(3)
+        student = torch.round(case["logits"] * 64) / 64
+        noise = torch.randint(-8, 9, student.shape, generator=gen).double() / 1024
+        case["logits"], case["teacher"] = student.float(), (student + 1000 + noise).float()
+        assert bool((case["teacher"].double() - case["logits"].double() - 1000 == noise).all())
+    else:
+        ramp = torch.linspace(-30, 30, 2600, dtype=torch.float64)
+        sign = 1 if pattern == "rising" else -1
+        case["logits"] = (case["logits"] + sign * ramp).float()
+        case["teacher"] = (case["teacher"] + sign * 1.5 * ramp).float()
+    loss, grad = run_kernel(case, divergence, "distrib", "zero")
+    truth = run_reference(case, divergence, "distrib", "zero")
+    assert_float32_close(case, loss, grad, truth, divergence=divergence, objective="distrib",
+                         tail="zero")
+    if pattern == "offset":
+        # float32 block sums of the normalisers leave ~1e-6 of the log sums; rounding the gap
+        # (about 1000) to float32 would leave its ulp, 6e-5, three times the KL itself.
+        loss_err = float((loss.double() - truth[0]).abs().max())
+        assert loss_err <= 2e-6, loss_err
+
+
 @pytest.mark.parametrize("divergence", ["kl", "gkl"])
 def test_row_views_at_any_alignment(divergence):
     """Column blocks are cut at the row's 64-byte lines: rows starting 0-15 floats past a line

@@ -249,7 +249,8 @@ def _dense_target_kernel(
         q = tl.exp(logq)
         log_ratio = logq - logp
         if DIVERGENCE != _IS:
-            kl_terms += tl.where(participating, q * log_ratio, 0.0)
+            # 0 log 0 = 0: a teacher probability of 0 (u = -inf) adds nothing to the KL.
+            kl_terms += tl.where(participating & (q > 0), q * log_ratio, 0.0)
         if SCORE:
             # SPEC 4.3 gkl: (1/V)[(e_a - q)/q_a - (e_a - p)/p_a], with q_k/q_a and p_k/p_a
             # formed as exp(log(1/q_a) + log q_k) so that the clamp applies to both.
