@@ -23,9 +23,10 @@ FLOAT_DTYPES = FUSED_DTYPES + (torch.float64,)
 INDEX_DTYPES = (torch.int64, torch.int32)
 
 
-def choice(name: str, value, allowed) -> None:
+def choice(name: str, value, allowed):
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
 
 
 def tensor(name: str, value, dtypes=None) -> None:
@@ -247,6 +248,31 @@ def loss_inputs(logits, target, *, teacher_logits, teacher_topk, divergence, obj
                       topk_log_ratios, batch_shape, vocab)
 
 
+def philox_int(name: str, value) -> int:
+    """A Philox seed or offset given as a Python int: in [0, 2**63)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= value < 2**63:
+        raise ValueError(f"{name} must be in [0, 2**63), got {value}")
+    return value
+
+
+def philox_seed(seed, device: torch.device, check=None):
+    """``seed``: an int in [0, 2**63), or a one-element int64 tensor on ``device`` holding one
+    (read by the kernel at launch, so a captured CUDA graph replays with its current value; its
+    range is checked in checked mode only, which on CUDA would be a host sync)."""
+    if not isinstance(seed, torch.Tensor):
+        return philox_int("seed", seed)
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise TypeError("seed must be an int or a one-element int64 tensor, got a "
+                        f"{seed.dtype} tensor of shape {tuple(seed.shape)}")
+    if seed.device != device:
+        raise ValueError(f"seed is on {seed.device} but logits is on {device}")
+    if resolve_check(check, device) and not 0 <= int(seed) < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {int(seed)}")
+    return seed
+
+
 def step_inputs(logits, x, jump_prob, *, mask_id, temperature, frozen, seed, offset, backend,
                 check=None):
     """Validate ``ctmc_step`` arguments; returns (logits (N, V), x (N,), jump (N,), frozen (N,)|None)."""
@@ -258,11 +284,8 @@ def step_inputs(logits, x, jump_prob, *, mask_id, temperature, frozen, seed, off
     if mask_id is not None and vocab < 2:
         raise ValueError("mask_id needs V >= 2 (the mask column is excluded from x1)")
     positive_finite("temperature", temperature)
-    for name, value in (("seed", seed), ("offset", offset)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if not 0 <= value < 2**63:
-            raise ValueError(f"{name} must be in [0, 2**63), got {value}")
+    philox_seed(seed, logits.device, check)
+    philox_int("offset", offset)
     choice("backend", backend, BACKENDS)
     if frozen is not None:
         tensor("frozen", frozen, (torch.bool,))

@@ -7,9 +7,11 @@ and is exact, so the C++ and Triton backends reproduce it bit for bit.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Tuple, Union
 
 import torch
+
+Seed = Union[int, torch.Tensor]
 
 MULT_0 = 0xD2511F53
 MULT_1 = 0xCD9E8D57
@@ -27,8 +29,11 @@ def _mulhilo(a: int, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return (prod >> 32) & MASK32, prod & MASK32
 
 
-def philox4x32(seed: int, counters: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:
-    """Four int64 tensors holding uint32 words, from four uint32 counter tensors (int64)."""
+def philox4x32(seed: Seed, counters: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:
+    """Four int64 tensors holding uint32 words, from four uint32 counter tensors (int64); the
+    seed an int or a one-element int64 tensor on the counters' device (no host read)."""
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(())
     c0, c1, c2, c3 = counters
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
     for _ in range(ROUNDS):
@@ -39,8 +44,10 @@ def philox4x32(seed: int, counters: Tuple[torch.Tensor, ...]) -> Tuple[torch.Ten
     return c0, c1, c2, c3
 
 
-def row_uniforms(seed: int, offset: int, rows: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(u_x1, u_jump), each (rows,) float64 in (0, 1), keyed by (seed, offset, row)."""
+def row_uniforms(seed: Seed, offset: int, rows: int,
+                 device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(u_x1, u_jump), each (rows,) float64 in (0, 1), keyed by (seed, offset, row); ``seed`` an
+    int or a one-element int64 tensor on ``device``."""
     row = torch.arange(rows, dtype=torch.int64, device=device)
     zeros = torch.zeros_like(row)
     words = philox4x32(seed, (row & MASK32, (row >> 32) & MASK32,

@@ -17,6 +17,10 @@ Bernoulli jumps. Caching uses the plan: a step that changes no token is skipped 
 no step op); the skip list is read to the host once, before the loop, so the loop itself never
 syncs, and the output equals ``cache=False`` bit for bit, for time-conditioned models too (a
 skipped step could not have changed x; the model is always evaluated at the current (x, t)).
+
+With ``cuda_graph=True`` (CUDA) the whole loop is captured once in a CUDA graph and replayed:
+every step runs, the seed is a device int64 read by the Philox draws at launch, and nothing in
+the loop reads the device or allocates by value.
 """
 from __future__ import annotations
 
@@ -145,49 +149,7 @@ def _check_logits(logits, x: torch.Tensor, min_vocab: int) -> None:
         _checks.ids_in_range("x_init", x, logits.shape[2])
 
 
-# ----------------------------------------------------------------------------- model calls
-
-class _EagerModel:
-    """Calls the denoiser as is."""
-
-    def __init__(self, model: Denoiser):
-        self.model = model
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.model(x, t)
-
-
-class _GraphedModel:
-    """The denoiser captured once in a CUDA graph, replayed on static input buffers.
-
-    Only the model forward is captured: the step op takes its Philox offset as a host integer,
-    which a captured graph would freeze, so it is launched (one kernel) after each replay. The
-    returned logits live in the graph's static output buffer until the next call.
-    """
-
-    def __init__(self, model: Denoiser, x: torch.Tensor, t: torch.Tensor, warmup: int = 2):
-        self.static_x = x.clone()
-        self.static_t = t.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                model(self.static_x, self.static_t)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_logits = model(self.static_x, self.static_t)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.static_x.copy_(x)
-        self.static_t.copy_(t)
-        self.graph.replay()
-        return self.static_logits
-
-
-def _model_runner(model: Denoiser, cuda_graph: bool, x: torch.Tensor, t: torch.Tensor):
-    return _GraphedModel(model, x, t) if cuda_graph else _EagerModel(model)
-
+# ----------------------------------------------------------------------------- CUDA graphs
 
 def _check_cuda_graph(cuda_graph, x: torch.Tensor) -> bool:
     if not isinstance(cuda_graph, bool):
@@ -197,7 +159,67 @@ def _check_cuda_graph(cuda_graph, x: torch.Tensor) -> bool:
     return cuda_graph
 
 
+class _CapturedLoop:
+    """A whole sampler loop ``body(x, frozen, seed) -> x or (x, trajectory)`` captured once in a
+    CUDA graph on static buffers. A call copies x, frozen and the seed (a device int64 that the
+    Philox draws read at launch) into the buffers and replays the graph: one launch, no host
+    sync, no allocation. The loop's host-side decisions (steps, offsets, the plan tables) are
+    frozen at capture; they depend only on the options and the shape."""
+
+    def __init__(self, body: Callable, x: torch.Tensor, frozen: torch.Tensor, warmup: int = 2):
+        self.static_x = x.clone()
+        self.static_frozen = frozen.clone()
+        self.static_seed = torch.zeros((), dtype=torch.int64, device=x.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # lazy initialisation (kernel compiles, handles)
+            for _ in range(warmup):
+                body(self.static_x, self.static_frozen, self.static_seed)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = body(self.static_x, self.static_frozen, self.static_seed)
+
+    def __call__(self, x: torch.Tensor, frozen: torch.Tensor, seed: int):
+        self.static_x.copy_(x)
+        self.static_frozen.copy_(frozen)
+        self.static_seed.fill_(seed)
+        self.graph.replay()
+        if isinstance(self.static_out, tuple):  # (x, trajectory): copies outlive the next replay
+            final, trajectory = self.static_out
+            return final.clone(), [state.clone() for state in trajectory]
+        return self.static_out.clone()
+
+
+_GRAPHS: dict = {}
+
+
+def clear_graph_cache() -> None:
+    """Drop every sampler loop captured by ``cuda_graph=True`` (and the model references and
+    graph memory they hold)."""
+    _GRAPHS.clear()
+
+
+def _replay(key: tuple, body: Callable, x: torch.Tensor, frozen: torch.Tensor, seed: int):
+    """Run ``body`` through its cached CUDA graph, capturing it on the key's first use."""
+    if key not in _GRAPHS:
+        _GRAPHS[key] = _CapturedLoop(body, x, frozen)
+    return _GRAPHS[key](x, frozen, seed)
+
+
 # ----------------------------------------------------------------------------- plans
+
+class _MaskedOptions(NamedTuple):
+    steps: int
+    mask_id: int
+    schedule: Schedule
+    method: str
+    tokens_per_step: Optional[int]
+    confidence: str
+    block_length: Optional[int]
+    temperature: float
+    final_denoise: bool
+
 
 def _time_table(steps: int, batch: int, device) -> torch.Tensor:
     """(steps, B) float32: row k holds the model time t_k = k / steps for every sequence."""
@@ -219,6 +241,60 @@ def _jump_probs(schedule: Schedule, steps: int, method: str) -> torch.Tensor:
     return jump
 
 
+def _num_blocks(movable: torch.Tensor, block_length: Optional[int], steps: int) -> int:
+    """Semi-autoregressive blocks: enough for the most masked row (one host read)."""
+    if block_length is None:
+        return 1
+    most_masked = int(movable.sum(1).max())
+    num_blocks = max(1, math.ceil(most_masked / block_length))
+    if steps < num_blocks:
+        raise ValueError(f"steps={steps} is fewer than the {num_blocks} blocks of "
+                         f"block_length={block_length}; each block needs at least one step")
+    return num_blocks
+
+
+class _PlanTables(NamedTuple):
+    """What a run needs besides x, frozen and the seed, computed on the host and copied to the
+    device once (a CUDA-graph capture may not copy from the host)."""
+
+    times: torch.Tensor  # (steps, B) float32 model times
+    unmasked_by: Optional[torch.Tensor]  # exact/euler: (steps,) float64, P(unmasked by step k)
+    num_blocks: int  # confidence: blocks, the block of each step (host and device), the step's
+    block_of_step: List[int]  # index inside its block, and the schedule's fractions revealed
+    block_of_step_device: Optional[torch.Tensor]  # after/before each step (None with
+    local_step: Optional[torch.Tensor]  # tokens_per_step)
+    frac_after: Optional[torch.Tensor]
+    frac_before: Optional[torch.Tensor]
+
+
+def _plan_tables(options: _MaskedOptions, num_blocks: int, batch: int, device) -> _PlanTables:
+    steps = options.steps
+    times = _time_table(steps, batch, device)
+    if options.method != "confidence":
+        jump = _jump_probs(options.schedule, steps, options.method)
+        unmasked_by = 1 - torch.cumprod(1 - jump, dim=0)
+        unmasked_by[-1] = 1.0
+        return _PlanTables(times, unmasked_by.to(device), 1, [], None, None, None, None)
+    block_steps = [steps // num_blocks + (j < steps % num_blocks) for j in range(num_blocks)]
+    block_of_step = [j for j, n in enumerate(block_steps) for _ in range(n)]
+    local_step = [i for n in block_steps for i in range(n)]
+    frac_after = frac_before = None
+    if options.tokens_per_step is None:
+        after, before = [], []
+        for n in block_steps:
+            grid = torch.arange(n + 1, dtype=torch.float64) / n
+            kappa = options.schedule.kappa(grid).to(torch.float64)
+            frac = ((kappa - kappa[0]) / (1 - kappa[0])).clamp(0, 1)
+            frac[-1] = 1.0
+            after.append(frac[1:])
+            before.append(frac[:-1])
+        frac_after, frac_before = torch.cat(after).to(device), torch.cat(before).to(device)
+    return _PlanTables(times, None, num_blocks, block_of_step,
+                       torch.tensor(block_of_step, dtype=torch.int64, device=device),
+                       torch.tensor(local_step, dtype=torch.int64, device=device),
+                       frac_after, frac_before)
+
+
 class _JumpPlan(NamedTuple):
     """method exact/euler: the step (0..steps-1) in which each position unmasks; ``steps`` for
     positions that never change (frozen or not masked)."""
@@ -230,14 +306,10 @@ class _JumpPlan(NamedTuple):
         return counts[:steps] > 0
 
 
-def _jump_plan(movable: torch.Tensor, schedule: Schedule, steps: int, method: str,
-               seed: int) -> _JumpPlan:
+def _jump_plan(movable: torch.Tensor, tables: _PlanTables, steps: int, seed) -> _JumpPlan:
     """First-jump step of each movable position, P(step <= k) = 1 - prod_{j <= k}(1 - p_j)."""
-    jump = _jump_probs(schedule, steps, method)
-    unmasked_by = 1 - torch.cumprod(1 - jump, dim=0)
-    unmasked_by[-1] = 1.0
     u, _ = philox.row_uniforms(seed, PLAN_OFFSET, movable.numel(), device=movable.device)
-    step = torch.searchsorted(unmasked_by.to(movable.device), u, right=True).reshape(movable.shape)
+    step = torch.searchsorted(tables.unmasked_by, u, right=True).reshape(movable.shape)
     return _JumpPlan(torch.where(movable, step, torch.full_like(step, steps)))
 
 
@@ -254,62 +326,43 @@ class _CountPlan(NamedTuple):
         return self.counts.sum(0) > 0
 
 
-def _count_plan(movable: torch.Tensor, schedule: Schedule, steps: int,
-                tokens_per_step: Optional[int], block_length: Optional[int]) -> _CountPlan:
+def _count_plan(movable: torch.Tensor, tables: _PlanTables, tokens_per_step: Optional[int],
+                block_length: Optional[int]) -> _CountPlan:
     """Blocks: block j of a sequence is its j-th run of ``block_length`` movable positions in
-    position order (with a prompt prefix: LLaDA's blocks over the generated part). Steps are
-    split evenly over the blocks. Within a block of S steps, the number revealed by local step
-    i is ``tokens_per_step``, or round(m F_i) - round(m F_{i-1}) with F_i the schedule's
-    fraction unmasked by then, (kappa((i+1)/S) - kappa(0)) / (1 - kappa(0)), so all m are
-    revealed after S steps."""
-    batch = movable.shape[0]
-    device = movable.device
+    position order (with a prompt prefix: LLaDA's blocks over the generated part); positions
+    past the last block (possible only in a captured loop given more masks than at capture)
+    never change. Steps are split evenly over the blocks. Within a block of S steps, the number
+    revealed by local step i is ``tokens_per_step``, or round(m F_i) - round(m F_{i-1}) with F_i
+    the schedule's fraction unmasked by then, (kappa((i+1)/S) - kappa(0)) / (1 - kappa(0)), so
+    all m are revealed after S steps."""
+    num_blocks = tables.num_blocks
     if block_length is None:
         block_id = torch.where(movable, 0, -1)
-        num_blocks = 1
     else:
         rank = movable.long().cumsum(1) - 1
-        block_id = torch.where(movable, rank // block_length, -1)
-        most_masked = int(movable.sum(1).max())  # the one host read that sizes the block loop
-        num_blocks = max(1, math.ceil(most_masked / block_length))
-        if steps < num_blocks:
-            raise ValueError(f"steps={steps} is fewer than the {num_blocks} blocks of "
-                             f"block_length={block_length}; each block needs at least one step")
-    block_steps = [steps // num_blocks + (j < steps % num_blocks) for j in range(num_blocks)]
-    block_of_step = [j for j, n in enumerate(block_steps) for _ in range(n)]
-    local_step = [i for n in block_steps for i in range(n)]
-
+        block_id = torch.where(movable & (rank < num_blocks * block_length),
+                               rank // block_length, -1)
     slot = torch.where(block_id >= 0, block_id, num_blocks)
-    per_block = torch.zeros(batch, num_blocks + 1, dtype=torch.int64, device=device)
+    per_block = torch.zeros(movable.shape[0], num_blocks + 1, dtype=torch.int64,
+                            device=movable.device)
     per_block.scatter_add_(1, slot, movable.long())
-    masked = per_block[:, torch.tensor(block_of_step, device=device)]  # (B, steps)
-    local = torch.tensor(local_step, dtype=torch.int64, device=device)
-
+    masked = per_block[:, tables.block_of_step_device]  # (B, steps)
+    local = tables.local_step
     if tokens_per_step is not None:
         done_after = torch.minimum(masked, tokens_per_step * (local + 1))
         done_before = torch.minimum(masked, tokens_per_step * local)
     else:
-        frac_after, frac_before = [], []
-        for n in block_steps:
-            grid = torch.arange(n + 1, dtype=torch.float64) / n
-            kappa = schedule.kappa(grid).to(torch.float64)
-            frac = ((kappa - kappa[0]) / (1 - kappa[0])).clamp(0, 1)
-            frac[-1] = 1.0
-            frac_after.append(frac[1:])
-            frac_before.append(frac[:-1])
-        frac_after = torch.cat(frac_after).to(device)
-        frac_before = torch.cat(frac_before).to(device)
         m = masked.double()
-        done_after = torch.floor(m * frac_after + 0.5).long()
-        done_before = torch.floor(m * frac_before + 0.5).long()
+        done_after = torch.floor(m * tables.frac_after + 0.5).long()
+        done_before = torch.floor(m * tables.frac_before + 0.5).long()
     counts = (done_after - done_before).clamp(min=0)
     leftover = (per_block[:, :num_blocks].sum(1) > counts.sum(1)).any()
-    return _CountPlan(block_id, block_of_step, counts, leftover)
+    return _CountPlan(block_id, tables.block_of_step, counts, leftover)
 
 
 # ----------------------------------------------------------------------------- steps
 
-def _confidence_scores(out, kind: str, seed: int, step: int) -> torch.Tensor:
+def _confidence_scores(out, kind: str, seed, step: int) -> torch.Tensor:
     """(B, L) score, higher = unmask first."""
     if kind == "low_confidence":
         return out.prob
@@ -337,6 +390,71 @@ def _greedy_unmasked(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     scores = logits.float().clone()
     scores[..., mask_id] = float("-inf")
     return scores.argmax(dim=-1)
+
+
+def _masked_loop(model: Denoiser, x: torch.Tensor, frozen: torch.Tensor, seed,
+                 options: _MaskedOptions, tables: _PlanTables, *, cache: bool, check: Optional[bool],
+                 progress: bool = False, return_trajectory: bool = False):
+    """The masked sampler on x (B, L) int64: plan, then the steps, then the final denoise.
+
+    With ``cache`` the plan's skip list is read to the host (one sync, before the loop) and the
+    steps that change nothing are skipped; without it every step runs and nothing here reads
+    the device, so the loop can be captured in a CUDA graph (seed then a device int64).
+    ``check``: the step op's checked mode (None: its default). Returns x or (x, trajectory)."""
+    steps, mask_id = options.steps, options.mask_id
+    movable = (x == mask_id) & ~frozen
+    if options.method == "confidence":
+        plan = _count_plan(movable, tables, options.tokens_per_step, options.block_length)
+        leave_masks = options.final_denoise and options.tokens_per_step is not None
+    else:
+        plan = _jump_plan(movable, tables, steps, seed)
+        leave_masks = False
+    active = [True] * steps
+    if cache:
+        flags = plan.changes(steps)
+        if leave_masks:
+            flags = torch.cat([flags, plan.leftover[None]])
+        flags = flags.tolist()  # the one read of the plan
+        active = flags[:steps]
+        leave_masks = leave_masks and flags[-1]
+
+    step_op = _step_op()
+    no_jump = torch.zeros((), dtype=torch.float32, device=x.device)
+    validate = check is not False  # the first logits' shape and the ids, once
+    trajectory = []
+    for k in progress_steps(steps, progress):
+        if active[k]:
+            logits = model(x, tables.times[k])
+            if validate:
+                _check_logits(logits, x, mask_id + 1)
+                validate = False
+            if options.method == "confidence":
+                out = step_op(logits, x, no_jump, mask_id=mask_id,
+                              temperature=options.temperature, seed=seed, offset=k,
+                              return_x1=True, return_confidence=True, check=check)
+                eligible = (x == mask_id) & (plan.block_id == plan.block_of_step[k])
+                take = top_per_row(_confidence_scores(out, options.confidence, seed, k), eligible,
+                                   plan.counts[:, k])
+                x = torch.where(take, out.x1, x)
+            else:
+                jump = (plan.unmask_step == k).float()
+                x = step_op(logits, x, jump, mask_id=mask_id, temperature=options.temperature,
+                            seed=seed, offset=k, check=check)
+        if return_trajectory:
+            trajectory.append(x)
+    if leave_masks:
+        logits = model(x, tables.times[-1])
+        if validate:
+            _check_logits(logits, x, mask_id + 1)
+        x = torch.where(movable & (x == mask_id), _greedy_unmasked(logits, mask_id), x)
+    return (x, trajectory) if return_trajectory else x
+
+
+def _as_input_dtype(result, dtype: torch.dtype) -> SampleResult:
+    if isinstance(result, tuple):
+        x, trajectory = result
+        return x.to(dtype), [state.to(dtype) for state in trajectory]
+    return result.to(dtype)
 
 
 @torch.no_grad()
@@ -372,100 +490,84 @@ def sample_masked(model: Denoiser, x_init: torch.Tensor, *, steps: int, mask_id:
     final_denoise: with "confidence" and ``tokens_per_step``, masked positions may remain after
     the last step; they get the argmax (mask column excluded) of one more model call at the last
     grid time. With ``cache`` that call is skipped when the plan leaves no mask.
-    cuda_graph: on CUDA, capture the model forward once in a CUDA graph (after warm-up, static
-    input buffers updated in place) and replay it; the step op runs after each replay, since
-    its Philox offset is a host integer that a captured graph would freeze. Same output as
-    eager. ValueError for non-CUDA tensors.
+    cuda_graph: on CUDA, the whole loop (plan, every model call and step, final denoise) is
+    captured once per (model, shape, dtype, options) in a CUDA graph and replayed on later
+    calls, with x_init, frozen and the seed copied into its static buffers: no host sync and no
+    allocation per call. Same output as eager. Every step runs (a skip list would be a host
+    read); the block count of ``block_length`` is the one of the first call's x_init, and later
+    calls must not mask more positions per row (positions past the last block stay masked). The
+    graph holds the model's parameters by address: update them in place;
+    ``clear_graph_cache()`` frees the graphs. ValueError for non-CUDA tensors.
 
     Returns the final x (B, L) with the dtype of x_init, and with ``return_trajectory`` also the
     list of the ``steps`` states after each step (before the final denoise).
     """
     _check_model(model)
     x = _check_tokens(x_init)
-    steps = _positive_int("steps", steps)
-    mask_id = _check_mask_id(mask_id)
-    _checks.choice("method", method, METHODS)
-    _checks.choice("confidence", confidence, CONFIDENCES)
-    tokens_per_step = _optional_positive_int("tokens_per_step", tokens_per_step)
-    block_length = _optional_positive_int("block_length", block_length)
+    options = _MaskedOptions(
+        steps=_positive_int("steps", steps), mask_id=_check_mask_id(mask_id),
+        schedule=_resolve_schedule(schedule), method=_checks.choice("method", method, METHODS),
+        tokens_per_step=_optional_positive_int("tokens_per_step", tokens_per_step),
+        confidence=_checks.choice("confidence", confidence, CONFIDENCES),
+        block_length=_optional_positive_int("block_length", block_length),
+        temperature=_checks.positive_finite("temperature", temperature),
+        final_denoise=bool(final_denoise))
     if method != "confidence" and (tokens_per_step is not None or block_length is not None):
         raise ValueError("tokens_per_step and block_length apply to method='confidence' only, "
                          f"got method={method!r}")
     frozen = _check_frozen(frozen, x)
-    temperature = _checks.positive_finite("temperature", temperature)
     seed = _check_seed(seed)
-    schedule = _resolve_schedule(schedule)
     cuda_graph = _check_cuda_graph(cuda_graph, x)
 
     x = x.long()
-    batch = x.shape[0]
-    movable = (x == mask_id) & ~frozen
-    if method == "confidence":
-        plan = _count_plan(movable, schedule, steps, tokens_per_step, block_length)
-        may_leave_masks = final_denoise and tokens_per_step is not None
-    else:
-        plan = _jump_plan(movable, schedule, steps, method, seed)
-        may_leave_masks = False
-    if cache:
-        flags = plan.changes(steps)
-        if may_leave_masks:
-            flags = torch.cat([flags, plan.leftover[None]])
-        flags = flags.tolist()  # the one read of the plan
-        active = flags[:steps]
-        may_leave_masks = may_leave_masks and flags[-1]
-    else:
-        active = [True] * steps
+    movable = (x == options.mask_id) & ~frozen
+    key = ("masked", model, options, tuple(x.shape), x.device, return_trajectory)
+    if cuda_graph and key in _GRAPHS:
+        return _as_input_dtype(_GRAPHS[key](x, frozen, seed), x_init.dtype)
+    num_blocks = _num_blocks(movable, options.block_length, options.steps)
+    tables = _plan_tables(options, num_blocks, x.shape[0], x.device)
+    if cuda_graph:
+        _masked_loop(model, x, frozen, seed, options, tables, cache=True, check=None)  # validates
 
-    times = _time_table(steps, batch, x.device)
+        def body(x, frozen, seed):
+            return _masked_loop(model, x, frozen, seed, options, tables, cache=False, check=False,
+                                return_trajectory=return_trajectory)
+
+        return _as_input_dtype(_replay(key, body, x, frozen, seed), x_init.dtype)
+    result = _masked_loop(model, x, frozen, seed, options, tables, cache=cache, check=None,
+                          progress=progress, return_trajectory=return_trajectory)
+    return _as_input_dtype(result, x_init.dtype)
+
+
+def _uniform_loop(model: Denoiser, x: torch.Tensor, seed, times: torch.Tensor,
+                  jumps: torch.Tensor, temperature: float, *, check: Optional[bool],
+                  progress: bool = False, return_trajectory: bool = False):
+    """Euler steps of the uniform sampler; nothing here reads the device (see _masked_loop)."""
     step_op = _step_op()
-    no_jump = torch.zeros((), dtype=torch.float32, device=x.device)
-    run_model = None
     trajectory = []
-    for k in progress_steps(steps, progress):
-        if active[k]:
-            if run_model is None:
-                run_model = _model_runner(model, cuda_graph, x, times[k])
-                logits = run_model(x, times[k])
-                _check_logits(logits, x, mask_id + 1)
-            else:
-                logits = run_model(x, times[k])
-            if method == "confidence":
-                out = step_op(logits, x, no_jump, mask_id=mask_id, temperature=temperature,
-                              seed=seed, offset=k, return_x1=True, return_confidence=True)
-                eligible = (x == mask_id) & (plan.block_id == plan.block_of_step[k])
-                take = top_per_row(_confidence_scores(out, confidence, seed, k), eligible,
-                                   plan.counts[:, k])
-                x = torch.where(take, out.x1, x)
-            else:
-                jump = (plan.unmask_step == k).float()
-                x = step_op(logits, x, jump, mask_id=mask_id, temperature=temperature,
-                            seed=seed, offset=k)
+    for k in progress_steps(times.shape[0], progress):
+        logits = model(x, times[k])
+        if k == 0 and check is not False:
+            _check_logits(logits, x, 1)
+        x = step_op(logits, x, jumps[k], temperature=temperature, seed=seed, offset=k,
+                    check=check)
         if return_trajectory:
             trajectory.append(x)
-    if may_leave_masks:
-        if run_model is None:
-            run_model = _model_runner(model, cuda_graph, x, times[-1])
-        logits = run_model(x, times[-1])
-        _check_logits(logits, x, mask_id + 1)
-        x = torch.where(movable & (x == mask_id), _greedy_unmasked(logits, mask_id), x)
-
-    x = x.to(x_init.dtype)
-    if return_trajectory:
-        return x, [state.to(x_init.dtype) for state in trajectory]
-    return x
+    return (x, trajectory) if return_trajectory else x
 
 
 @torch.no_grad()
 def sample_uniform(model: Denoiser, x_init: torch.Tensor, *, steps: int, schedule=None,
                    temperature: float = 1.0, seed: int = 0, progress: bool = False,
-                   return_trajectory: bool = False) -> SampleResult:
+                   return_trajectory: bool = False, cuda_graph: bool = False) -> SampleResult:
     """Uniform-state discrete flow matching: Euler steps from t = 0 to 1.
 
     x_init (B, L) is the noise sample (e.g. uniform ids). In step k (t_k = k / steps) every
     position jumps with probability 1 - exp(-h dkappa/(1 - kappa)) to x1 ~ softmax(z / T) drawn
     from the model's logits (B, L, V); in the last step every position jumps. One step op per
-    step, keyed by (seed, k). Returns x (B, L) and, with ``return_trajectory``, the ``steps``
-    states after each step.
+    step, keyed by (seed, k). ``cuda_graph``: as in ``sample_masked``, the whole loop captured
+    once per (model, shape, dtype, options) and replayed. Returns x (B, L) and, with
+    ``return_trajectory``, the ``steps`` states after each step.
     """
     _check_model(model)
     x = _check_tokens(x_init)
@@ -473,20 +575,24 @@ def sample_uniform(model: Denoiser, x_init: torch.Tensor, *, steps: int, schedul
     temperature = _checks.positive_finite("temperature", temperature)
     seed = _check_seed(seed)
     schedule = _resolve_schedule(schedule)
+    cuda_graph = _check_cuda_graph(cuda_graph, x)
 
     x = x.long()
+    key = ("uniform", model, steps, schedule, temperature, tuple(x.shape), x.device,
+           return_trajectory)
+    no_frozen = torch.zeros_like(x, dtype=torch.bool)
+    if cuda_graph and key in _GRAPHS:
+        return _as_input_dtype(_GRAPHS[key](x, no_frozen, seed), x_init.dtype)
     times = _time_table(steps, x.shape[0], x.device)
     jumps = _jump_probs(schedule, steps, "euler").to(device=x.device, dtype=torch.float32)
-    step_op = _step_op()
-    trajectory = []
-    for k in progress_steps(steps, progress):
-        logits = model(x, times[k])
-        if k == 0:
-            _check_logits(logits, x, 1)
-        x = step_op(logits, x, jumps[k], temperature=temperature, seed=seed, offset=k)
-        if return_trajectory:
-            trajectory.append(x)
-    x = x.to(x_init.dtype)
-    if return_trajectory:
-        return x, [state.to(x_init.dtype) for state in trajectory]
-    return x
+    if cuda_graph:
+        _uniform_loop(model, x, seed, times, jumps, temperature, check=None)  # validates
+
+        def body(x, frozen, seed):
+            return _uniform_loop(model, x, seed, times, jumps, temperature, check=False,
+                                 return_trajectory=return_trajectory)
+
+        return _as_input_dtype(_replay(key, body, x, no_frozen, seed), x_init.dtype)
+    result = _uniform_loop(model, x, seed, times, jumps, temperature, check=None,
+                           progress=progress, return_trajectory=return_trajectory)
+    return _as_input_dtype(result, x_init.dtype)

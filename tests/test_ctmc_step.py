@@ -297,6 +297,34 @@ def test_reproducible_and_keyed_by_seed_and_offset(backend):
 
 
 @pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("seed", [0, 7, 2**40 + 3, 2**63 - 1])
+def test_seed_as_device_tensor_equals_int_seed(backend, seed):
+    """A one-element int64 seed tensor (what a captured CUDA graph replays with) keys the same
+    Philox stream as the int, on every backend, across both 32-bit halves of the key."""
+    g = torch.Generator().manual_seed(4)
+    rows = rows_for(backend, 64, 12)
+    logits = torch.randn(rows, 40, generator=g)
+    x = torch.full((rows,), 39, dtype=torch.int64)
+    jump = torch.full((rows,), 0.5)
+    from_int = step(backend, logits, x, jump, mask_id=39, seed=seed, offset=3)
+    from_tensor = step(backend, logits, x, jump, mask_id=39, seed=torch.tensor([seed]), offset=3)
+    for a, b in zip(from_int, from_tensor):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("seed, error, match", [
+    (torch.tensor([1.0]), TypeError, "one-element int64"),
+    (torch.tensor([1, 2]), TypeError, "one-element int64"),
+    (torch.tensor(-1), ValueError, r"seed must be in \[0, 2\*\*63\)"),
+    (torch.empty(1, dtype=torch.int64, device="meta"), ValueError, "seed is on meta"),
+])
+def test_bad_seed_tensor_raises(seed, error, match):
+    with pytest.raises(error, match=match):
+        ctmc_step(torch.randn(3, 5), torch.zeros(3, dtype=torch.int64), torch.tensor(0.5),
+                  seed=seed, backend="reference")
+
+
+@pytest.mark.parametrize("backend", ALL)
 def test_jump_one_unmasks_every_masked_row(backend):
     g = torch.Generator().manual_seed(3)
     rows = rows_for(backend, 128, 16)
@@ -516,12 +544,15 @@ from tcsm_kernels.triton import ctmc_step, philox
 
 hopper = GPUTarget("cuda", 90, 32)
 step_types = ["*{logits}", "i64", "*i64", "*fp64", "*i1", "*i64", "*i64", "*fp32", "*fp32",
-              "*fp32", "i32", "i32", "fp32", "u32", "i32", "i32", "i32", "constexpr", "constexpr"]
-for logits, has_frozen, block, warps in (("bf16", True, 2048, 8), ("fp32", False, 16, 4)):
+              "*fp32", "i32", "i32", "fp32", "*i64", "u32", "i32", "i32", "i32", "constexpr",
+              "constexpr", "constexpr"]
+for logits, has_frozen, seed_tensor, block, warps in (("bf16", True, False, 2048, 8),
+                                                      ("fp32", False, True, 16, 4)):
     types = [t.format(logits=logits) for t in step_types]
     signature = dict(zip(ctmc_step._ctmc_step_kernel.arg_names, types))
     source = ASTSource(fn=ctmc_step._ctmc_step_kernel, signature=signature,
-                       constexprs={"HAS_FROZEN": has_frozen, "BLOCK": block})
+                       constexprs={"HAS_FROZEN": has_frozen, "SEED_FROM_TENSOR": seed_tensor,
+                                   "BLOCK": block})
     triton.compile(source, target=hopper, options={"num_warps": warps})
 words = dict(zip(philox._row_words_kernel.arg_names, ["*i64", "i32", "u32", "i32", "i32"]))
 triton.compile(ASTSource(fn=philox._row_words_kernel, signature=words), target=hopper)

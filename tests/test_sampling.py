@@ -1,6 +1,7 @@
 """Sampler loops (tcsm_kernels.sampling) with toy denoisers whose output distribution is known."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tcsm_kernels import sampling
 from tcsm_kernels.ops.ctmc_step import ctmc_step
@@ -316,14 +317,147 @@ def test_linear_schedule_is_the_default():
     assert torch.equal(default, linear) and torch.equal(default, named)
 
 
+class EmbeddingDenoiser:
+    """State-dependent logits from an embedding lookup (no op that reads values to the host,
+    unlike one_hot's range check on CPU)."""
+
+    def __init__(self, length, vocab, seed=0, device="cpu"):
+        g = torch.Generator().manual_seed(seed)
+        self.base = torch.randn(length, vocab, generator=g).to(device)
+        self.table = torch.randn(vocab, vocab, generator=g).to(device)
+
+    def __call__(self, x, t):
+        context = torch.nn.functional.embedding(x, self.table).mean(1)  # (B, V)
+        return self.base + context[:, None, :] + 2 * t[:, None, None]
+
+
+class NoHostReads(TorchDispatchMode):
+    """Fails on what a CUDA-graph capture cannot hold: reads of device values on the host
+    (item, bool, int, tolist, numpy), outputs sized by values (nonzero, masked_select, unique,
+    boolean-mask indexing) and tensors made from Python sequences (a host-to-device copy on
+    CUDA; Python scalars, which kernels take as arguments, are fine). Ops inside a custom op
+    (the fused step's own launch code) are not seen."""
+
+    FORBIDDEN = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique",
+                 "_unique2", "unique_consecutive", "unique_dim"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.FORBIDDEN:
+            raise AssertionError(f"host read or value-sized output in the loop: {func}")
+        if name == "lift_fresh" and args[0].dim() > 0:
+            raise AssertionError(f"tensor from Python data in the loop: {func}")
+        if name in ("index", "index_put", "index_put_"):
+            indices = args[1]
+            if any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in indices):
+                raise AssertionError(f"boolean-mask indexing in the loop: {func}")
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._tolist, self._numpy = torch.Tensor.tolist, torch.Tensor.numpy
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("tolist()/numpy() in the loop")
+
+        torch.Tensor.tolist = torch.Tensor.numpy = refuse
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist, torch.Tensor.numpy = self._tolist, self._numpy
+        return super().__exit__(*exc)
+
+
+def test_no_host_reads_detector_fails_on_a_sync():
+    with pytest.raises(AssertionError, match="host read"):
+        with NoHostReads():
+            bool(torch.ones(3).sum() > 0)
+    with pytest.raises(AssertionError, match="tolist"):
+        with NoHostReads():
+            torch.ones(3).tolist()
+    with pytest.raises(AssertionError, match="boolean-mask"):
+        with NoHostReads():
+            x = torch.arange(4)
+            x[x > 1]
+    with pytest.raises(AssertionError, match="Python data"):
+        with NoHostReads():
+            torch.tensor([1, 2])
+
+
+MASKED_GRAPH_CASES = [
+    dict(method="exact"), dict(method="euler", schedule="cosine"),
+    dict(method="confidence"), dict(method="confidence", confidence="random", tokens_per_step=3),
+    dict(method="confidence", confidence="margin", block_length=4),
+    dict(method="confidence", confidence="entropy", block_length=5, tokens_per_step=1),
+]
+
+
+@pytest.mark.parametrize("options", MASKED_GRAPH_CASES, ids=str)
+def test_capturable_masked_loop_reads_nothing_and_matches_eager(options):
+    """The loop that cuda_graph=True captures, run here eagerly on CPU with the seed as a tensor:
+    no host read, no value-sized output, no tensor from Python data (what a capture needs), and
+    the same tokens and trajectory as the eager, cached sampler."""
+    length, steps = 12, 7
+    model = EmbeddingDenoiser(length, V)
+    x = all_masked(3, length)
+    x[0, :3] = torch.tensor([0, 1, 3])  # a prompt
+    frozen = torch.zeros_like(x, dtype=torch.bool)
+    frozen[1, 5] = True
+    want, want_path = sampling.sample_masked(model, x, steps=steps, mask_id=MASK, seed=11,
+                                             frozen=frozen, return_trajectory=True, **options)
+    opts = sampling._MaskedOptions(
+        steps=steps, mask_id=MASK, schedule=sampling._resolve_schedule(options.get("schedule")),
+        method=options["method"], tokens_per_step=options.get("tokens_per_step"),
+        confidence=options.get("confidence", "low_confidence"),
+        block_length=options.get("block_length"), temperature=1.0, final_denoise=True)
+    movable = (x == MASK) & ~frozen
+    tables = sampling._plan_tables(opts, sampling._num_blocks(movable, opts.block_length, steps),
+                                   x.shape[0], x.device)
+    seed = torch.tensor(11)
+    with NoHostReads():
+        got, got_path = sampling._masked_loop(model, x, frozen, seed, opts, tables, cache=False,
+                                              check=False, return_trajectory=True)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(got_path, want_path))
+
+
+def test_capturable_uniform_loop_reads_nothing_and_matches_eager():
+    model = EmbeddingDenoiser(10, V)
+    x = torch.randint(0, V, (4, 10), generator=torch.Generator().manual_seed(2))
+    want = sampling.sample_uniform(model, x, steps=6, seed=5)
+    times = sampling._time_table(6, 4, "cpu")
+    jumps = sampling._jump_probs(LinearSchedule(), 6, "euler").float()
+    with NoHostReads():
+        got = sampling._uniform_loop(model, x, torch.tensor(5), times, jumps, 1.0, check=False)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["exact", "confidence"])
-def test_cuda_graph_matches_eager(method):
+@pytest.mark.parametrize("options", MASKED_GRAPH_CASES[:4], ids=str)
+def test_cuda_graph_matches_eager(options):
+    """Captured on the first call, replayed on the next ones (new seeds, new prompts): the same
+    tokens and trajectories as eager, and no new capture."""
     length = 16
-    model = StateDependent(length, V)
-    model.base, model.mix = model.base.cuda(), model.mix.cuda()
-    x = all_masked(4, length).cuda()
-    eager = sampling.sample_masked(model, x, steps=8, mask_id=MASK, method=method, seed=3)
-    graphed = sampling.sample_masked(model, x, steps=8, mask_id=MASK, method=method, seed=3,
-                                     cuda_graph=True)
-    assert torch.equal(eager, graphed)
+    model = EmbeddingDenoiser(length, V, device="cuda")
+    sampling.clear_graph_cache()
+    for seed in (3, 4, 5):
+        x = all_masked(4, length).cuda()
+        x[seed % 4, :2] = 1
+        eager = sampling.sample_masked(model, x, steps=8, mask_id=MASK, seed=seed,
+                                       return_trajectory=True, **options)
+        graphed = sampling.sample_masked(model, x, steps=8, mask_id=MASK, seed=seed,
+                                         return_trajectory=True, cuda_graph=True, **options)
+        assert torch.equal(eager[0], graphed[0])
+        assert all(torch.equal(a, b) for a, b in zip(eager[1], graphed[1]))
+    assert len(sampling._GRAPHS) == 1
+
+
+@pytest.mark.gpu
+def test_cuda_graph_uniform_matches_eager():
+    model = EmbeddingDenoiser(16, V, device="cuda")
+    sampling.clear_graph_cache()
+    for seed in (1, 2):
+        x = torch.randint(0, V, (4, 16), device="cuda")
+        eager = sampling.sample_uniform(model, x, steps=6, seed=seed)
+        graphed = sampling.sample_uniform(model, x, steps=6, seed=seed, cuda_graph=True)
+        assert torch.equal(eager, graphed)
+    assert len(sampling._GRAPHS) == 1

@@ -4,7 +4,7 @@ and computes the confidence outputs. One ``tcsm::ctmc_step`` custom op (with a f
 (CPU) or the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -27,30 +27,37 @@ def _step_outputs_like(logits: torch.Tensor, x: torch.Tensor):
 @torch.library.custom_op("tcsm::ctmc_step", mutates_args=())
 def _ctmc_step_op(logits: torch.Tensor, x: torch.Tensor, jump: torch.Tensor,
                   frozen: Optional[torch.Tensor], mask_id: int, temperature: float, seed: int,
-                  offset: int, backend: str
+                  seed_tensor: Optional[torch.Tensor], offset: int, backend: str
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flat step: logits (N, V), x (N,) int64, jump (N,) float64, frozen (N,) bool or None,
-    mask_id (-1: none). Returns (x_next int64, x1 int64, prob, margin, entropy float32), (N,)."""
+    mask_id (-1: none); the Philox seed is ``seed_tensor`` (one int64 on the logits' device)
+    when given, else ``seed``. Returns (x_next int64, x1 int64, prob, margin, entropy float32),
+    each (N,)."""
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     if backend == "cpp":
+        if seed_tensor is not None:
+            seed = int(seed_tensor)  # a CPU tensor: reading it is no device sync
         return torch.ops.tcsm.ctmc_step_cpu(logits, x, jump, frozen, mask_id, temperature, seed,
                                             offset)
     # Imported on first use: triton is heavy, and on CPU the interpreter must be chosen
     # (TRITON_INTERPRET=1) before triton is first imported.
     from ..triton import ctmc_step as triton_step
-    return triton_step.ctmc_step(logits, x, jump, frozen, mask_id, temperature, seed, offset)
+    return triton_step.ctmc_step(logits, x, jump, frozen, mask_id, temperature,
+                                 seed if seed_tensor is None else seed_tensor, offset)
 
 
 @_ctmc_step_op.register_fake
-def _ctmc_step_fake(logits, x, jump, frozen, mask_id, temperature, seed, offset, backend):
+def _ctmc_step_fake(logits, x, jump, frozen, mask_id, temperature, seed, seed_tensor, offset,
+                    backend):
     return _step_outputs_like(logits, x)
 
 
 def ctmc_step(logits: torch.Tensor, x: torch.Tensor, jump_prob: torch.Tensor, *,
               mask_id: Optional[int] = None, temperature: float = 1.0,
-              frozen: Optional[torch.Tensor] = None, seed: int = 0, offset: int = 0,
-              return_x1: bool = False, return_confidence: bool = False, backend: str = "auto",
+              frozen: Optional[torch.Tensor] = None, seed: Union[int, torch.Tensor] = 0,
+              offset: int = 0, return_x1: bool = False, return_confidence: bool = False,
+              backend: str = "auto",
               check: Optional[bool] = None):
     """One reverse CTMC step (SPEC 7) from time t to s, fused: x_next (...) int64, or a
     ``reference.StepOutput`` when ``return_x1`` or ``return_confidence``.
@@ -61,7 +68,9 @@ def ctmc_step(logits: torch.Tensor, x: torch.Tensor, jump_prob: torch.Tensor, *,
     Philox uniform keyed by (seed, offset, flat row index); the row moves to x1 when it may
     change (``mask_id`` given, masked path: x == mask_id; else uniform path: any row; never a
     ``frozen`` row) and its own jump uniform is below jump_prob. Advance ``offset`` (or ``seed``)
-    every step. Confidence outputs (float32): p(x1), top-1 minus top-2 probability, entropy.
+    every step. ``seed`` may also be a one-element int64 tensor on the logits' device, read by
+    the kernel at launch: a captured CUDA graph then replays with the tensor's current value.
+    Confidence outputs (float32): p(x1), top-1 minus top-2 probability, entropy.
 
     Same results as ``reference.ctmc_step`` up to float32 rounding of the probabilities: a token
     can differ only where the uniform falls within rounding of a CDF boundary. Each backend is
@@ -88,7 +97,9 @@ def ctmc_step(logits: torch.Tensor, x: torch.Tensor, jump_prob: torch.Tensor, *,
         flat_logits.detach(), flat_x.to(torch.int64).contiguous(),
         jump.to(torch.float64).contiguous(),
         None if flat_frozen is None else flat_frozen.contiguous(),
-        NO_MASK if mask_id is None else mask_id, float(temperature), seed, offset, chosen)
+        NO_MASK if mask_id is None else mask_id, float(temperature),
+        0 if isinstance(seed, torch.Tensor) else seed,
+        seed.reshape(1) if isinstance(seed, torch.Tensor) else None, offset, chosen)
     # NaN/+inf logits make the row's entropy non-finite: checked from (N,), no pass over (N, V)
     _checks.finite_rows(outputs[4], (("logits", flat_logits),),
                         _checks.resolve_check(check, logits.device))

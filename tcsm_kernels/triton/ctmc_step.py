@@ -41,9 +41,14 @@ def _participating_logits(row_ptr, cols, vocab, mask_id):
 @triton.jit(do_not_specialize=["mask_id", "seed_lo", "seed_hi", "offset_lo", "offset_hi"])
 def _ctmc_step_kernel(logits_ptr, row_stride, x_ptr, jump_ptr, frozen_ptr,
                       x_next_ptr, x1_ptr, prob_ptr, margin_ptr, entropy_ptr,
-                      vocab, mask_id, inv_temp, seed_lo, seed_hi, offset_lo, offset_hi,
-                      HAS_FROZEN: tl.constexpr, BLOCK: tl.constexpr):
+                      vocab, mask_id, inv_temp, seed_ptr, seed_lo, seed_hi, offset_lo, offset_hi,
+                      HAS_FROZEN: tl.constexpr, SEED_FROM_TENSOR: tl.constexpr,
+                      BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    if SEED_FROM_TENSOR:  # read at launch: a replayed CUDA graph sees the current seed
+        seed = tl.load(seed_ptr)
+        seed_lo = seed & 0xFFFFFFFF
+        seed_hi = (seed >> 32) & 0xFFFFFFFF
     row_ptr = logits_ptr + row * row_stride
     lanes = tl.arange(0, BLOCK)
 
@@ -130,10 +135,12 @@ def default_block(vocab: int) -> int:
     return min(max(triton.next_power_of_2(vocab), 16), 2048)
 
 
-def ctmc_step(logits, x, jump, frozen, mask_id: int, temperature: float, seed: int, offset: int,
-              block: int | None = None):
+def ctmc_step(logits, x, jump, frozen, mask_id: int, temperature: float,
+              seed: int | torch.Tensor, offset: int, block: int | None = None):
     """Launch over flat rows: logits (N, V) with unit column stride, x (N,) int64, jump (N,)
-    float64, frozen (N,) bool or None. Returns (x_next, x1, prob, margin, entropy), all (N,)."""
+    float64, frozen (N,) bool or None, seed an int or a one-element int64 tensor on the logits'
+    device. Returns (x_next, x1, prob, margin, entropy), all (N,)."""
+    seed_from_tensor = isinstance(seed, torch.Tensor)
     rows, vocab = logits.shape
     block = default_block(vocab) if block is None else block
     x_next = torch.empty_like(x)
@@ -144,6 +151,8 @@ def ctmc_step(logits, x, jump, frozen, mask_id: int, temperature: float, seed: i
         _ctmc_step_kernel[(rows,)](
             logits, logits.stride(0), x, jump, x if frozen is None else frozen,
             x_next, x1, prob, margin, entropy,
-            vocab, mask_id, 1.0 / temperature, *philox.split_u64(seed), *philox.split_u64(offset),
-            HAS_FROZEN=frozen is not None, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+            vocab, mask_id, 1.0 / temperature, seed if seed_from_tensor else x,
+            *philox.split_u64(0 if seed_from_tensor else seed), *philox.split_u64(offset),
+            HAS_FROZEN=frozen is not None, SEED_FROM_TENSOR=seed_from_tensor, BLOCK=block,
+            num_warps=4 if block <= 1024 else 8)
     return x_next, x1, prob, margin, entropy
