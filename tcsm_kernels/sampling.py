@@ -200,10 +200,11 @@ def clear_graph_cache() -> None:
     _GRAPHS.clear()
 
 
-def _replay(key: tuple, body: Callable, x: torch.Tensor, frozen: torch.Tensor, seed: int):
-    """Run ``body`` through its cached CUDA graph, capturing it on the key's first use."""
+def _replay(key: tuple, prepare: Callable, x: torch.Tensor, frozen: torch.Tensor, seed: int):
+    """Run the loop cached under ``key`` through its CUDA graph. On the key's first use,
+    ``prepare()`` validates the call with one eager run and returns the loop body to capture."""
     if key not in _GRAPHS:
-        _GRAPHS[key] = _CapturedLoop(body, x, frozen)
+        _GRAPHS[key] = _CapturedLoop(prepare(), x, frozen)
     return _GRAPHS[key](x, frozen, seed)
 
 
@@ -520,22 +521,26 @@ def sample_masked(model: Denoiser, x_init: torch.Tensor, *, steps: int, mask_id:
     cuda_graph = _check_cuda_graph(cuda_graph, x)
 
     x = x.long()
-    movable = (x == options.mask_id) & ~frozen
-    key = ("masked", model, options, tuple(x.shape), x.device, return_trajectory)
-    if cuda_graph and key in _GRAPHS:
-        return _as_input_dtype(_GRAPHS[key](x, frozen, seed), x_init.dtype)
-    num_blocks = _num_blocks(movable, options.block_length, options.steps)
-    tables = _plan_tables(options, num_blocks, x.shape[0], x.device)
+
+    def plan_tables() -> _PlanTables:
+        movable = (x == options.mask_id) & ~frozen
+        num_blocks = _num_blocks(movable, options.block_length, options.steps)
+        return _plan_tables(options, num_blocks, x.shape[0], x.device)
+
     if cuda_graph:
-        _masked_loop(model, x, frozen, seed, options, tables, cache=True, check=None)  # validates
+        def prepare():
+            tables = plan_tables()
+            _masked_loop(model, x, frozen, seed, options, tables, cache=True, check=None)
 
-        def body(x, frozen, seed):
-            return _masked_loop(model, x, frozen, seed, options, tables, cache=False, check=False,
-                                return_trajectory=return_trajectory)
+            def body(x, frozen, seed):
+                return _masked_loop(model, x, frozen, seed, options, tables, cache=False,
+                                    check=False, return_trajectory=return_trajectory)
+            return body
 
-        return _as_input_dtype(_replay(key, body, x, frozen, seed), x_init.dtype)
-    result = _masked_loop(model, x, frozen, seed, options, tables, cache=cache, check=None,
-                          progress=progress, return_trajectory=return_trajectory)
+        key = ("masked", model, options, tuple(x.shape), x.device, return_trajectory)
+        return _as_input_dtype(_replay(key, prepare, x, frozen, seed), x_init.dtype)
+    result = _masked_loop(model, x, frozen, seed, options, plan_tables(), cache=cache,
+                          check=None, progress=progress, return_trajectory=return_trajectory)
     return _as_input_dtype(result, x_init.dtype)
 
 
@@ -578,21 +583,26 @@ def sample_uniform(model: Denoiser, x_init: torch.Tensor, *, steps: int, schedul
     cuda_graph = _check_cuda_graph(cuda_graph, x)
 
     x = x.long()
-    key = ("uniform", model, steps, schedule, temperature, tuple(x.shape), x.device,
-           return_trajectory)
-    no_frozen = torch.zeros_like(x, dtype=torch.bool)
-    if cuda_graph and key in _GRAPHS:
-        return _as_input_dtype(_GRAPHS[key](x, no_frozen, seed), x_init.dtype)
-    times = _time_table(steps, x.shape[0], x.device)
-    jumps = _jump_probs(schedule, steps, "euler").to(device=x.device, dtype=torch.float32)
+
+    def step_tables() -> Tuple[torch.Tensor, torch.Tensor]:
+        """(steps, B) model times and (steps,) jump probabilities on x's device."""
+        jumps = _jump_probs(schedule, steps, "euler").to(device=x.device, dtype=torch.float32)
+        return _time_table(steps, x.shape[0], x.device), jumps
+
     if cuda_graph:
-        _uniform_loop(model, x, seed, times, jumps, temperature, check=None)  # validates
+        def prepare():
+            times, jumps = step_tables()
+            _uniform_loop(model, x, seed, times, jumps, temperature, check=None)
 
-        def body(x, frozen, seed):
-            return _uniform_loop(model, x, seed, times, jumps, temperature, check=False,
-                                 return_trajectory=return_trajectory)
+            def body(x, frozen, seed):
+                return _uniform_loop(model, x, seed, times, jumps, temperature, check=False,
+                                     return_trajectory=return_trajectory)
+            return body
 
-        return _as_input_dtype(_replay(key, body, x, no_frozen, seed), x_init.dtype)
-    result = _uniform_loop(model, x, seed, times, jumps, temperature, check=None,
+        key = ("uniform", model, steps, schedule, temperature, tuple(x.shape), x.device,
+               return_trajectory)
+        no_frozen = torch.zeros_like(x, dtype=torch.bool)
+        return _as_input_dtype(_replay(key, prepare, x, no_frozen, seed), x_init.dtype)
+    result = _uniform_loop(model, x, seed, *step_tables(), temperature, check=None,
                            progress=progress, return_trajectory=return_trajectory)
     return _as_input_dtype(result, x_init.dtype)

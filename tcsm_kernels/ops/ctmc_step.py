@@ -98,8 +98,8 @@ def ctmc_step(logits: torch.Tensor, x: torch.Tensor, jump_prob: torch.Tensor, *,
         jump.to(torch.float64).contiguous(),
         None if flat_frozen is None else flat_frozen.contiguous(),
         NO_MASK if mask_id is None else mask_id, float(temperature),
-        0 if isinstance(seed, torch.Tensor) else seed,
-        seed.reshape(1) if isinstance(seed, torch.Tensor) else None, offset, chosen)
+        *((0, seed.reshape(1)) if isinstance(seed, torch.Tensor) else (seed, None)), offset,
+        chosen)
     # NaN/+inf logits make the row's entropy non-finite: checked from (N,), no pass over (N, V)
     _checks.finite_rows(outputs[4], (("logits", flat_logits),),
                         _checks.resolve_check(check, logits.device))
