@@ -342,7 +342,8 @@ struct DistribBlockSums {
 // Pass 1 sums of one block. Keeps exp(z - s_z) in stash_student and the second exp (teacher's
 // for kl, ratio's for is/gkl) in stash_second for pass 2, which then needs no exp. Also sums
 // d = u - z against the row's pivot c (see DistribDivergenceSums), so that pass 2 reads
-// neither z nor u.
+// neither z nor u. kShared sums the teacher's terms without their block factor
+// exp(s_z - s_u + s_x) and applies it to the block's sums.
 template <class Format, Divergence kDivergence, bool kUnitTau, DistribSums kSums>
 TCSM_INLINE DistribBlockSums distrib_block_sums(const typename Format::Storage* logits,
                                                 const typename Format::Storage* teacher,
@@ -352,31 +353,35 @@ TCSM_INLINE DistribBlockSums distrib_block_sums(const typename Format::Storage* 
                                                 float shift_x, float pivot) {
   constexpr bool kHasKL = kDivergence != Divergence::kIS;
   constexpr bool kHasIS = kDivergence != Divergence::kKL;
-  const float joint =
-      kSums == DistribSums::kShared ? fast_exp((shift_z - shift_u) + shift_x) : 0.f;
+  // 0 log 0 = 0: where the teacher's weight is 0 (u = -inf, d = -inf) its KL term is 0 * lowest.
+  constexpr float kLowest = std::numeric_limits<float>::lowest();
   float sum_z = 0.f, sum_u = 0.f, sum_x = 0.f, teacher_weighted = 0.f, pivoted = 0.f;
 #pragma omp simd reduction(+ : sum_z, sum_u, sum_x, teacher_weighted, pivoted)
   for (int64_t k = begin; k < end; ++k) {
     const float z = Format::widen(logits[k]);
     const float u = teacher_over_tau<Format, kUnitTau>(teacher[k], tau, inv_tau);
-    const float e_z = fast_exp(z - shift_z);
+    const float e_z = fast_exp_nonpositive(z - shift_z);
     sum_z += e_z;
     stash_student[k] = e_z;
     float e_u;
     if constexpr (kSums == DistribSums::kStudentTeacher) {
-      e_u = fast_exp(u - shift_u);
+      e_u = fast_exp_nonpositive(u - shift_u);
       stash_second[k] = e_u;
     } else {
-      const float e_x = fast_exp((u - z) - shift_x);
+      const float e_x = fast_exp_nonpositive((u - z) - shift_x);
       sum_x += e_x;
       stash_second[k] = e_x;
-      e_u = kSums == DistribSums::kShared ? (e_z * e_x) * joint : fast_exp(u - shift_u);
+      e_u = kSums == DistribSums::kShared ? e_z * e_x : fast_exp_nonpositive(u - shift_u);
     }
     sum_u += e_u;
     const float d = (u - z) - pivot;
-    // 0 log 0 = 0: a teacher weight of 0 (u = -inf, so d = -inf) adds nothing to the KL.
-    if constexpr (kHasKL) teacher_weighted += e_u > 0.f ? e_u * d : 0.f;
+    if constexpr (kHasKL) teacher_weighted += e_u * (d < kLowest ? kLowest : d);
     if constexpr (kHasIS) pivoted += d;
+  }
+  if constexpr (kSums == DistribSums::kShared) {
+    const float joint = fast_exp((shift_z - shift_u) + shift_x);
+    sum_u *= joint;
+    teacher_weighted *= joint;
   }
   return {sum_z, sum_u, sum_x, teacher_weighted, pivoted};
 }
@@ -426,12 +431,16 @@ struct DistribGradient {
   float inv_v, ratio_excess, weight;
 };
 
-// Pass 2 of dense_distrib_row: the gradient, from pass 1's stashed exps rescaled per block:
-// p = exp(z - s_z) exp(s_z - LSE_z); kl: q = exp(u - s_u) exp(s_u - LSE_u); is/gkl with
-// kStashedRatio (no r_y above the clamp): q/p = exp(u - z - s_x) exp(s_x - gap) and, for gkl,
-// q = p (q/p). Then only the stashes (in cache) are read. Above the clamp, q/p and q are exps
-// of their own, from z and u. With kStream (float32 gradient in its own buffer) each block
-// goes through out_block and is streamed to memory.
+// Pass 2 of dense_distrib_row: the gradient, from pass 1's stashed exps e (stash_student) and
+// f (stash_second) rescaled per block: p = a e with a = exp(s_z - LSE_z); kl: q = b f with
+// b = exp(s_u - LSE_u); is/gkl with kStashedRatio (no r_y above the clamp): q/p = b f with
+// b = exp(s_x - gap) and, for gkl, q = p (q/p). With w the row weight:
+//   w grad = w (p - q) + (w/V)(1 - q/p + p (S - V))        (kl: first term; is: second)
+//          = (alpha e + gamma) - f (beta e + delta)
+// alpha = a w (1 + (S - V)/V) (kl: a w), beta = a b w (gkl only), gamma = w/V, delta = b w/V
+// (kl: b w), so a column takes three fmas on two cache-resident stash reads. Above the clamp,
+// q/p and q are exps of their own, from z and u. With kStream (float32 gradient in its own
+// buffer) each block goes through out_block and is streamed to memory.
 template <class Format, Divergence kDivergence, bool kUnitTau, bool kStashedRatio, bool kStream>
 void dense_distrib_gradient(const typename Format::Storage* logits,
                             const typename Format::Storage* teacher,
@@ -445,6 +454,7 @@ void dense_distrib_gradient(const typename Format::Storage* logits,
   const float u_max = coef.u_max, u_log_sum = coef.u_log_sum;
   const float max_gap = coef.max_gap, log_sum_gap = coef.log_sum_gap;
   const float inv_v = coef.inv_v, ratio_excess = coef.ratio_excess, w = coef.weight;
+  const float w_over_v = w * inv_v;
   const float* const stash_student = aligned_like(scratch.stash_student, logits);
   const float* const stash_second = aligned_like(scratch.stash_second, logits);
   float* const out_block = line_aligned(scratch.out_block);
@@ -461,28 +471,32 @@ void dense_distrib_gradient(const typename Format::Storage* logits,
     const float second_shift = scratch.block_shift[block++];
     const float rescale_second = kHasIS ? std::exp(minus_gap(second_shift, max_gap, log_sum_gap))
                                         : std::exp((second_shift - u_max) - u_log_sum);
+    if constexpr (kStashedRatio || !kHasIS) {
+      const float kl_part = kHasKL ? w : 0.f;
+      const float is_part = kHasIS ? w_over_v : 0.f;
+      const float alpha = rescale_p * (kl_part + is_part * ratio_excess);
+      const float beta = kHasKL && kHasIS ? rescale_p * rescale_second * w : 0.f;
+      const float gamma = is_part;
+      const float delta = rescale_second * (kHasIS ? w_over_v : w);
 #pragma omp simd
-    for (int64_t k = begin; k < end; ++k) {
-      const float p = rescale_p * stash_student[k];
-      float ratio_k = 0.f;
-      float q = 0.f;
-      if constexpr (kHasIS && kStashedRatio) {
-        ratio_k = rescale_second * stash_second[k];
-        q = p * ratio_k;
-      } else if constexpr (kHasIS) {
+      for (int64_t k = begin; k < end; ++k) {
+        const float e = stash_student[k];
+        const float f = stash_second[k];
+        const float second_weight = kHasKL && kHasIS ? std::fma(e, beta, delta) : delta;
+        out[k - begin] = Format::narrow(std::fma(-f, second_weight, std::fma(e, alpha, gamma)));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t k = begin; k < end; ++k) {
+        const float p = rescale_p * stash_student[k];
         const float z = Format::widen(logits[k]);
         const float u = teacher_over_tau<Format, kUnitTau>(teacher[k], tau, inv_tau);
-        ratio_k = clamped_exp(minus_gap(u - z, max_gap, log_sum_gap), limit);
-        if constexpr (kHasKL) q = fast_exp((u - u_max) - u_log_sum);
-      } else {
-        q = rescale_second * stash_second[k];
+        const float ratio_k = clamped_exp(minus_gap(u - z, max_gap, log_sum_gap), limit);
+        // is: grad (1/V)(1 - q/p + p (S - V)); gkl adds kl's p - q
+        float grad_k = inv_v * ((1.f - ratio_k) + p * ratio_excess);
+        if constexpr (kHasKL) grad_k += p - fast_exp_nonpositive((u - u_max) - u_log_sum);
+        out[k - begin] = Format::narrow(w * grad_k);
       }
-      float grad_k = 0.f;
-      // kl: grad p - q
-      if constexpr (kHasKL) grad_k += p - q;
-      // is: grad (1/V)(1 - q/p + p (S - V))
-      if constexpr (kHasIS) grad_k += inv_v * ((1.f - ratio_k) + p * ratio_excess);
-      out[k - begin] = Format::narrow(w * grad_k);
     }
     if constexpr (kStream) stream_floats(grad + begin, out_block, end - begin);
   });
@@ -554,17 +568,22 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scr
   // r = (u/tau - z) - gap, gap = LSE_u - LSE_z in two parts (minus_gap)
   const float max_gap = u_max - z_max, log_sum_gap = u_log_sum - z_log_sum;
   const float v = shape.participating;
-  // ratio_excess = S - V = sum_y (exp(r_y) - 1), clamped exponents (the IS gradient's p*S - V p)
-  float ratio_excess = 0.f;
+  // x - gap as minus_gap, but with the log sums' difference in double (no float32 rounding of
+  // either log sum): for the loss's pivot term and for S
+  const double log_sum_gap_exact = std::log(teacher_stats.sum) - std::log(student_stats.sum);
+  const auto minus_gap_exact = [&](float x) {
+    return static_cast<double>(x - max_gap) - log_sum_gap_exact;
+  };
+  // excess = S - V = sum_y (exp(r_y) - 1), clamped exponents (the IS gradient's p*S - V p)
+  double excess = 0.0;
   const float max_ratio_exponent = minus_gap(ratio_stats.max, max_gap, log_sum_gap);  // max r
   const bool below_clamp = max_ratio_exponent <= limit;
   if constexpr (kHasIS) {
     if (below_clamp) {
-      const float log_mean_ratio =
-          max_ratio_exponent + (ratio_stats.log_sum() - std::log(v));  // log(S / V)
-      ratio_excess = v * std::expm1(log_mean_ratio);  // V (S/V - 1), no cancellation
+      const double log_mean_ratio =
+          minus_gap_exact(ratio_stats.max) + (std::log(ratio_stats.sum) - std::log(v));  // log(S/V)
+      excess = v * std::expm1(log_mean_ratio);  // V (S/V - 1), no cancellation
     } else {
-      double excess = 0.0;
       for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
         float block_excess = 0.f;
 #pragma omp simd reduction(+ : block_excess)
@@ -575,9 +594,9 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scr
         }
         excess += block_excess;
       });
-      ratio_excess = static_cast<float>(excess);
     }
   }
+  const float ratio_excess = static_cast<float>(excess);
   const DistribGradient coef{tau,     inv_tau, limit,   z_max,        z_log_sum, u_max,
                              u_log_sum, max_gap, log_sum_gap, 1.f / v, ratio_excess, row.weight};
   // With no r_y above the clamp, q/p = exp(r) comes from the stash and gkl's q = p exp(r).
@@ -598,15 +617,13 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scr
   zero_mask_column<Format>(grad, shape);
   // KL = E_q[d - c] + (c - gap); IS = (1/V) sum_y [exp(r_y) - r_y - 1]
   //    = (1/V) [(S - V) - sum_y (d_y - c)] - (c - gap)
-  // c - gap from the double sums: a KL near 0 is not lost to float32 rounding of the log sums
-  const double pivot_gap = static_cast<double>(divergence_sums.pivot - max_gap) -
-                           (std::log(teacher_stats.sum) - std::log(student_stats.sum));
+  const double pivot_gap = minus_gap_exact(divergence_sums.pivot);
   double loss = 0.0;
   if constexpr (kHasKL) {
     loss += divergence_sums.teacher_weighted / teacher_stats.sum + pivot_gap;
   }
   if constexpr (kHasIS) {
-    loss += (static_cast<double>(ratio_excess) - divergence_sums.pivoted) / v - pivot_gap;
+    loss += (excess - divergence_sums.pivoted) / v - pivot_gap;
   }
   return static_cast<float>(loss);
 }
