@@ -11,8 +11,7 @@ from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-cpu_flags = runpy.run_path(os.path.join(ROOT, "csrc", "cpu_flags.py"))["cpu_flags"]
-compile_args = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"] + cpu_flags()
+compile_args = runpy.run_path(os.path.join(ROOT, "csrc", "cpu_flags.py"))["compile_args"]()
 
 setup(
     packages=find_packages(include=["tcsm_kernels", "tcsm_kernels.*"]),

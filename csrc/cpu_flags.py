@@ -28,5 +28,10 @@ def cpu_flags() -> list[str]:
     return flags
 
 
+def compile_args() -> list[str]:
+    """All flags of the C++ kernels' build (setup.py; benchmarks/ab_loss_kernel.py)."""
+    return ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"] + cpu_flags()
+
+
 if __name__ == "__main__":
     print(";".join(cpu_flags()))
