@@ -4,8 +4,8 @@
 // state. On a shared, noisy CPU this resolves differences of a few percent that separate
 // processes (compare_cpu_kernels.py) cannot.
 //
-//   ab_loss_kernel ROWS COLS [--rounds R] [--target data|dense] [--divergence kl|is|gkl]
-//                  [--inplace]
+//   ab_loss_kernel ROWS COLS [--rounds R] [--target data|dense] [--objective distrib|score]
+//                  [--divergence kl|is|gkl] [--inplace]
 //
 // Prints per build the best and median rate (elements per second) over the rounds, the median
 // of the per-round new / base time ratios, and the largest relative difference of the losses.
@@ -34,6 +34,7 @@ struct Options {
   int64_t rows = 0, cols = 0;
   int rounds = 30;
   bool dense = true;
+  bool score = false;
   bool inplace = false;
   tcsm::Divergence divergence = tcsm::Divergence::kGKL;
 };
@@ -65,6 +66,10 @@ Options parse(int argc, char** argv) {
       const std::string target = value();
       if (target != "data" && target != "dense") usage("--target is data or dense");
       options.dense = target == "dense";
+    } else if (arg == "--objective") {
+      const std::string objective = value();
+      if (objective != "distrib" && objective != "score") usage("--objective is distrib or score");
+      options.score = objective == "score";
     } else if (arg == "--divergence") {
       const std::string name = value();
       if (name == "kl") {
@@ -81,6 +86,9 @@ Options parse(int argc, char** argv) {
     } else {
       usage(("unknown option " + arg).c_str());
     }
+  }
+  if (options.score && (!options.dense || options.divergence == tcsm::Divergence::kKL)) {
+    usage("--objective score needs --target dense and --divergence is or gkl");
   }
   return options;
 }
@@ -116,7 +124,7 @@ int main(int argc, char** argv) {
   problem.grad = grad.data();
   problem.grad_row_stride = options.cols;
   problem.divergence = options.divergence;
-  problem.objective = tcsm::Objective::kDistrib;
+  problem.objective = options.score ? tcsm::Objective::kScore : tcsm::Objective::kDistrib;
   problem.tail = tcsm::Tail::kZero;
   problem.mask_id = -1;
   problem.temperature = 1.f;
@@ -164,13 +172,14 @@ int main(int argc, char** argv) {
   }
   const auto rate = [&](double seconds) { return static_cast<double>(elements) / seconds / 1e9; };
   std::printf(
-      "rows %lld cols %lld, %s target, one thread, %d rounds x %d calls\n"
+      "rows %lld cols %lld, %s, one thread, %d rounds x %d calls\n"
       "base: best %.3f, median %.3f G elements/s\n"
       "new:  best %.3f, median %.3f G elements/s\n"
       "new / base time: median of per-round ratios %.3f, best-to-best %.3f\n"
       "largest relative loss difference %.2e\n",
       static_cast<long long>(options.rows), static_cast<long long>(options.cols),
-      options.dense ? "dense-teacher distrib" : "data", options.rounds, calls,
+      !options.dense ? "data target" : options.score ? "dense teacher, score" : "dense teacher, distrib",
+      options.rounds, calls,
       rate(*std::min_element(base_times.begin(), base_times.end())), rate(median(base_times)),
       rate(*std::min_element(new_times.begin(), new_times.end())), rate(median(new_times)),
       median(ratios),

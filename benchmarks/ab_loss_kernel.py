@@ -3,7 +3,7 @@ working tree's (new), built into one executable (ab_loss_kernel.cpp) whose timed
 alternate. On a noisy shared CPU this is the measurement to trust for changes of a few percent.
 
     python benchmarks/ab_loss_kernel.py BASE_REV ROWS COLS [--rounds R] [--target data|dense]
-        [--divergence kl|is|gkl] [--inplace]
+        [--objective distrib|score] [--divergence kl|is|gkl] [--inplace]
 
 Needs g++ and git; both builds must declare the same csrc/tcsm_loss.h (the LossProblem passed
 to both).

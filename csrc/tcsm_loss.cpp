@@ -35,8 +35,13 @@ namespace {
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // Columns per block of the online max: one horizontal max per block, whose data the exp loop
-// then re-reads from L1; block partial sums are float32, row totals double.
+// then re-reads from L1; block partial sums are float32, row totals double. Passes over the
+// logits and a dense teacher take half as many columns, so that a block (and the prefetch of
+// the block after next) spans 32 lines as in a pass over the logits alone. Measured in-process
+// against 512 (benchmarks/ab_loss_kernel.py, float32): the dense distrib kernel 10-15% faster,
+// the dense score ones within 2%; the data-target passes were 3% slower at 256, so they keep 512.
 constexpr int64_t kBlock = 512;
+constexpr int64_t kTeacherBlock = kBlock / 2;
 // Elements (rows x columns) below which a call stays on one thread.
 constexpr int64_t kMinParallelWork = int64_t{1} << 16;
 
@@ -75,17 +80,17 @@ TCSM_INLINE int64_t line_phase(const Storage* row) {
   return static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) / sizeof(Storage)) % kLine;
 }
 
-// Calls block(begin, end) on consecutive blocks of at most kBlock participating columns of
+// Calls block(begin, end) on consecutive blocks of at most kColumns participating columns of
 // row. A range's first block is shortened so that every later one starts 64-byte aligned, also
 // when V is not a multiple of 16 (unaligned rows split every vector load across two cache
 // lines: 10-25% slower in the dense-teacher kernel). All passes over a row cut it alike.
-template <class Storage, class BlockFn>
+template <int64_t kColumns, class Storage, class BlockFn>
 TCSM_INLINE void for_each_block(const ColumnRanges& ranges, const Storage* row, BlockFn&& block) {
   constexpr int64_t kLine = 64 / sizeof(Storage);
   const int64_t phase = line_phase(row);
   for (int r = 0; r < ranges.count; ++r) {
     for (int64_t begin = ranges.begin[r]; begin < ranges.end[r];) {
-      const int64_t end = std::min(begin + kBlock - (begin + phase) % kLine, ranges.end[r]);
+      const int64_t end = std::min(begin + kColumns - (begin + phase) % kLine, ranges.end[r]);
       block(begin, end);
       begin = end;
     }
@@ -107,9 +112,9 @@ TCSM_INLINE float* aligned_like(std::vector<float>& buffer, const Storage* row) 
 
 // Streaming passes read a block twice (max, then exps, from L1); asking for the lines two
 // blocks ahead overlaps the first read's wait on memory with the current block's exps.
-template <class Storage>
+template <int64_t kColumns, class Storage>
 TCSM_INLINE void prefetch_two_blocks_ahead(const Storage* row, int64_t begin, int64_t cols) {
-  prefetch_lines(row + begin + 2 * kBlock, row + cols, kBlock * int64_t{sizeof(Storage)});
+  prefetch_lines(row + begin + 2 * kColumns, row + cols, kColumns * int64_t{sizeof(Storage)});
 }
 
 // Online log-sum-exp: per block, raise the running max to the block's max (one rescale of the
@@ -164,7 +169,7 @@ struct Scratch {
   std::vector<float> block_shift;   // dense distrib: second running max of each block
   std::vector<float> stash_student; // dense distrib: (cols,) exps of pass 1, cache-resident
   std::vector<float> stash_second;  //   between the passes (aligned_like the logits row)
-  std::vector<float> out_block;     // dense distrib: (kBlock,) gradient block to stream out
+  std::vector<float> out_block;     // dense distrib: (kTeacherBlock,) gradient block to stream out
 };
 
 // The gradient can skip the cache: a row written to its own buffer is not read again here,
@@ -217,8 +222,8 @@ OnlineLogSumExp softmax_stats(const typename Format::Storage* logits,
   OnlineLogSumExp stats;
   float* block_max = scratch.block_max.data();
   int64_t block = 0;
-  for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
-    prefetch_two_blocks_ahead(logits, begin, shape.cols);
+  for_each_block<kBlock>(shape.ranges, logits, [&](int64_t begin, int64_t end) {
+    prefetch_two_blocks_ahead<kBlock>(logits, begin, shape.cols);
     float local_max = -kInf;
 #pragma omp simd reduction(max : local_max)
     for (int64_t k = begin; k < end; ++k) {
@@ -252,7 +257,7 @@ void write_affine_softmax(const typename Format::Storage* logits, typename Forma
   const float z_log_sum = stats.log_sum();
   const float* block_max = scratch.block_max.data();
   int64_t block = 0;
-  for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
+  for_each_block<kBlock>(shape.ranges, logits, [&](int64_t begin, int64_t end) {
     if constexpr (kStashExp<Format>) {
       // p = exp(z - block max) * exp(block max - LSE)
       const float rescale = std::exp((block_max[block++] - z_max) - z_log_sum);
@@ -459,7 +464,7 @@ void dense_distrib_gradient(const typename Format::Storage* logits,
   const float* const stash_second = aligned_like(scratch.stash_second, logits);
   float* const out_block = line_aligned(scratch.out_block);
   int64_t block = 0;
-  for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
+  for_each_block<kTeacherBlock>(shape.ranges, logits, [&](int64_t begin, int64_t end) {
     typename Format::Storage* const out = [&] {
       if constexpr (kStream) {
         return out_block;
@@ -524,9 +529,9 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scr
   int64_t block = 0;
   OnlineLogSumExp student_stats, teacher_stats, ratio_stats;
   DistribDivergenceSums divergence_sums;
-  for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
-    prefetch_two_blocks_ahead(logits, begin, shape.cols);
-    prefetch_two_blocks_ahead(teacher, begin, shape.cols);
+  for_each_block<kTeacherBlock>(shape.ranges, logits, [&](int64_t begin, int64_t end) {
+    prefetch_two_blocks_ahead<kTeacherBlock>(logits, begin, shape.cols);
+    prefetch_two_blocks_ahead<kTeacherBlock>(teacher, begin, shape.cols);
     float max_z = -kInf, max_u = -kInf, max_x = -kInf;
 #pragma omp simd reduction(max : max_z, max_u, max_x)
     for (int64_t k = begin; k < end; ++k) {
@@ -584,7 +589,7 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scr
           minus_gap_exact(ratio_stats.max) + (std::log(ratio_stats.sum) - std::log(v));  // log(S/V)
       excess = v * std::expm1(log_mean_ratio);  // V (S/V - 1), no cancellation
     } else {
-      for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
+      for_each_block<kTeacherBlock>(shape.ranges, logits, [&](int64_t begin, int64_t end) {
         float block_excess = 0.f;
 #pragma omp simd reduction(+ : block_excess)
         for (int64_t k = begin; k < end; ++k) {
@@ -641,9 +646,9 @@ float dense_score_gkl_row(const Row<Format>& row, const Shape& shape, Scratch&) 
   const float z_a = Format::widen(logits[row.a]);
   const float u_a = divide(Format::widen(teacher[row.a]), tau, inv_tau);
   OnlineLogSumExp student_stats, teacher_stats;
-  for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
-    prefetch_two_blocks_ahead(logits, begin, shape.cols);
-    prefetch_two_blocks_ahead(teacher, begin, shape.cols);
+  for_each_block<kTeacherBlock>(shape.ranges, logits, [&](int64_t begin, int64_t end) {
+    prefetch_two_blocks_ahead<kTeacherBlock>(logits, begin, shape.cols);
+    prefetch_two_blocks_ahead<kTeacherBlock>(teacher, begin, shape.cols);
     float max_z = -kInf, max_u = -kInf;
 #pragma omp simd reduction(max : max_z, max_u)
     for (int64_t k = begin; k < end; ++k) {
@@ -673,7 +678,7 @@ float dense_score_gkl_row(const Row<Format>& row, const Shape& shape, Scratch&) 
   const float v = shape.participating;
   const float scale = row.weight / v;
   double kl_sum = 0.0;
-  for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
+  for_each_block<kTeacherBlock>(shape.ranges, logits, [&](int64_t begin, int64_t end) {
     float block_kl = 0.f;
 #pragma omp simd reduction(+ : block_kl)
     for (int64_t k = begin; k < end; ++k) {
@@ -711,7 +716,7 @@ float dense_score_is_row(const Row<Format>& row, const Shape& shape, Scratch&) {
   const float v = shape.participating;
   const float scale = row.weight / v;
   double loss_sum = 0.0, excess_sum = 0.0;
-  for_each_block(shape.ranges, logits, [&](int64_t begin, int64_t end) {
+  for_each_block<kTeacherBlock>(shape.ranges, logits, [&](int64_t begin, int64_t end) {
     float block_loss = 0.f, block_excess = 0.f;
 #pragma omp simd reduction(+ : block_loss, block_excess)
     for (int64_t k = begin; k < end; ++k) {
@@ -876,12 +881,12 @@ void run(const LossProblem& problem) {
     num_threads(problem.threads > 0 ? problem.threads : omp_get_max_threads())
   {
     Scratch scratch;
-    scratch.block_max.resize(static_cast<size_t>(shape.cols / kBlock + 4));
+    scratch.block_max.resize(static_cast<size_t>(shape.cols / kTeacherBlock + 4));
     if (dense_distrib) {
       scratch.block_shift.resize(scratch.block_max.size());
       scratch.stash_student.resize(static_cast<size_t>(shape.cols + 32));
       scratch.stash_second.resize(static_cast<size_t>(shape.cols + 32));
-      scratch.out_block.resize(static_cast<size_t>(kBlock + 16));
+      scratch.out_block.resize(static_cast<size_t>(kTeacherBlock + 16));
     }
     if (sparse) {
       scratch.column_coef.assign(static_cast<size_t>(shape.cols), 0.f);
