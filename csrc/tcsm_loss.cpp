@@ -39,7 +39,7 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // logits and a dense teacher take half as many columns, so that a block (and the prefetch of
 // the block after next) spans 32 lines as in a pass over the logits alone. Measured in-process
 // against 512 (benchmarks/ab_loss_kernel.py, float32): the dense distrib kernel 10-15% faster,
-// the dense score ones within 2%; the data-target passes were 3% slower at 256, so they keep 512.
+// the dense score ones within 2%; the data-target passes were 3-4% slower at 256: they keep 512.
 constexpr int64_t kBlock = 512;
 constexpr int64_t kTeacherBlock = kBlock / 2;
 // Elements (rows x columns) below which a call stays on one thread.
