@@ -38,7 +38,7 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // then re-reads from L1; block partial sums are float32, row totals double. Passes over the
 // logits and a dense teacher take half as many columns, so that a block (and the prefetch of
 // the block after next) spans 32 lines as in a pass over the logits alone. Measured in-process
-// against 512 (benchmarks/ab_loss_kernel.py, float32): the dense distrib kernel 10-15% faster,
+// against 512 (benchmarks/ab_loss_kernel.py, float32): the dense distrib kernel 9-14% faster,
 // the dense score ones within 2%; the data-target passes were 3-4% slower at 256: they keep 512.
 constexpr int64_t kBlock = 512;
 constexpr int64_t kTeacherBlock = kBlock / 2;
