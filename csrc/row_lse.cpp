@@ -5,7 +5,8 @@
 
 namespace tcsm {
 
-// One pass per row with an online max: m' = max(m, x), s' = s exp(m - m') + exp(x - m').
+// One pass per row with an online max: m' = max(m, x), s' = s exp(m - m') + exp(x - m'); a -inf
+// x adds nothing (while m is -inf too, x - m' would be NaN).
 void row_lse(const float* x, int64_t rows, int64_t cols, int64_t row_stride, float* out) {
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < rows; ++n) {
@@ -17,7 +18,7 @@ void row_lse(const float* x, int64_t rows, int64_t cols, int64_t row_stride, flo
       if (value > m) {
         s = s * std::exp(m - value) + 1.f;
         m = value;
-      } else {
+      } else if (value > -std::numeric_limits<float>::infinity()) {  // exp(-inf) adds 0
         s += std::exp(value - m);
       }
     }

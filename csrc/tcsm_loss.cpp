@@ -135,6 +135,12 @@ struct OnlineLogSumExp {
   float log_sum() const { return static_cast<float>(std::log(sum)); }
 };
 
+// The shift a block's exps take: the running max, or 0 while that is still -inf. Then every
+// entry so far, the block's too, is -inf (a banned token), whose exp is 0 against a finite
+// shift, where -inf - -inf would be NaN. Passes keep the running max itself per block, so the
+// rescale exp(max - LSE) of such a block is 0 as well.
+TCSM_INLINE float exp_shift(float running_max) { return running_max == -kInf ? 0.f : running_max; }
+
 // What every row shares.
 struct Shape {
   int64_t cols;
@@ -232,12 +238,13 @@ OnlineLogSumExp softmax_stats(const typename Format::Storage* logits,
     }
     const float max = stats.raise(local_max);
     block_max[block++] = max;
+    const float shift = exp_shift(max);
     float block_sum = 0.f;
     float block_shifted = 0.f;
 #pragma omp simd reduction(+ : block_sum, block_shifted)
     for (int64_t k = begin; k < end; ++k) {
       const float z = Format::widen(logits[k]);
-      const float e = fast_exp(z - max);
+      const float e = fast_exp(z - shift);
       block_sum += e;
       if constexpr (kShiftedSum) block_shifted += z - z_ref;
       if constexpr (kStashExp<Format>) grad[k] = e;
@@ -358,7 +365,6 @@ TCSM_INLINE DistribBlockSums distrib_block_sums(const typename Format::Storage* 
                                                 float shift_x, float pivot) {
   constexpr bool kHasKL = kDivergence != Divergence::kIS;
   constexpr bool kHasIS = kDivergence != Divergence::kKL;
-  // 0 log 0 = 0: where the teacher's weight is 0 (u = -inf, d = -inf) its KL term is 0 * lowest.
   constexpr float kLowest = std::numeric_limits<float>::lowest();
   float sum_z = 0.f, sum_u = 0.f, sum_x = 0.f, teacher_weighted = 0.f, pivoted = 0.f;
 #pragma omp simd reduction(+ : sum_z, sum_u, sum_x, teacher_weighted, pivoted)
@@ -380,7 +386,9 @@ TCSM_INLINE DistribBlockSums distrib_block_sums(const typename Format::Storage* 
     }
     sum_u += e_u;
     const float d = (u - z) - pivot;
-    if constexpr (kHasKL) teacher_weighted += e_u * (d < kLowest ? kLowest : d);
+    // 0 log 0 = 0: where the teacher's weight is 0 (u = -inf, so d = -inf, or NaN where z is
+    // -inf too) its KL term is 0 * lowest (the comparison is false for NaN).
+    if constexpr (kHasKL) teacher_weighted += e_u * (d > kLowest ? d : kLowest);
     if constexpr (kHasIS) pivoted += d;
   }
   if constexpr (kSums == DistribSums::kShared) {
@@ -548,20 +556,22 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scr
     const float shift_x = ratio_stats.raise(max_x);
     divergence_sums.rebase(shift_x, old_shift_u, old_teacher_sum, shift_u);
     scratch.block_max[block] = shift_z;
+    const float exp_shift_z = exp_shift(shift_z), exp_shift_u = exp_shift(shift_u);
+    const float exp_shift_x = exp_shift(shift_x);
     scratch.block_shift[block++] = kHasIS ? shift_x : shift_u;
     DistribBlockSums sums;
     if constexpr (!kHasIS) {
       sums = distrib_block_sums<Format, kDivergence, kUnitTau, DistribSums::kStudentTeacher>(
-          logits, teacher, stash_student, stash_second, begin, end, tau, inv_tau, shift_z,
-          shift_u, shift_x, divergence_sums.pivot);
+          logits, teacher, stash_student, stash_second, begin, end, tau, inv_tau, exp_shift_z,
+          exp_shift_u, exp_shift_x, divergence_sums.pivot);
     } else if ((shift_z - shift_u) + shift_x <= kMaxJointShift) {  // false for NaN
       sums = distrib_block_sums<Format, kDivergence, kUnitTau, DistribSums::kShared>(
-          logits, teacher, stash_student, stash_second, begin, end, tau, inv_tau, shift_z,
-          shift_u, shift_x, divergence_sums.pivot);
+          logits, teacher, stash_student, stash_second, begin, end, tau, inv_tau, exp_shift_z,
+          exp_shift_u, exp_shift_x, divergence_sums.pivot);
     } else {
       sums = distrib_block_sums<Format, kDivergence, kUnitTau, DistribSums::kAll>(
-          logits, teacher, stash_student, stash_second, begin, end, tau, inv_tau, shift_z,
-          shift_u, shift_x, divergence_sums.pivot);
+          logits, teacher, stash_student, stash_second, begin, end, tau, inv_tau, exp_shift_z,
+          exp_shift_u, exp_shift_x, divergence_sums.pivot);
     }
     student_stats.sum += sums.z;
     teacher_stats.sum += sums.u;
@@ -657,8 +667,8 @@ float dense_score_gkl_row(const Row<Format>& row, const Shape& shape, Scratch&) 
       max_z = z > max_z ? z : max_z;
       max_u = u > max_u ? u : max_u;
     }
-    const float shift_z = student_stats.raise(max_z);
-    const float shift_u = teacher_stats.raise(max_u);
+    const float shift_z = exp_shift(student_stats.raise(max_z));
+    const float shift_u = exp_shift(teacher_stats.raise(max_u));
     float sum_z = 0.f, sum_u = 0.f;
 #pragma omp simd reduction(+ : sum_z, sum_u)
     for (int64_t k = begin; k < end; ++k) {

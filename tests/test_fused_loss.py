@@ -159,14 +159,66 @@ def test_teacher_with_banned_tokens(backend, divergence, objective, temperature,
     torch.testing.assert_close(got_grad.cpu().double(), want_grad, rtol=2e-4, atol=2e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
-def test_infinite_divergence_is_reported_as_such(backend, request):
-    """A -inf teacher logit makes is/gkl distrib infinite (-log(q/p) = inf): checked mode names
-    the -inf entries, unchecked mode returns +inf."""
+BANNED_PREFIX_CASES = {
+    "data kl, student": dict(divergence="kl"),
+    "dense kl distrib, teacher": dict(divergence="kl", teacher="dense"),
+    "dense kl distrib, both": dict(divergence="kl", teacher="dense", both=True),
+    "dense gkl score, teacher": dict(divergence="gkl", objective="score", teacher="dense"),
+    "top-K gkl, student": dict(divergence="gkl", objective="score", teacher="topk"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BANNED_PREFIX_CASES)
+def test_banned_prefix_spanning_blocks(backend, case, request):
+    """-inf logits over the first 700 of 1500 columns (a restricted vocabulary: several whole
+    kernel blocks before the first finite entry) are tokens of probability 0: the loss and
+    gradient equal the float64 reference's. Regression: a block whose running max was still
+    -inf took exp(-inf - -inf) = NaN, which made the whole row NaN (C++ and Triton)."""
+    options = dict(BANNED_PREFIX_CASES[case])
     device = device_for(backend, request)
-    z = torch.randn(2, 50)
-    teacher = torch.randn(2, 50)
-    teacher[1, 7] = float("-inf")
+    gen = torch.Generator().manual_seed(11)
+    n, v, banned = 5, 1500, 700
+    z = torch.randn(n, v, generator=gen) * 3
+    target = torch.randint(banned, v, (n,), generator=gen)
+    teacher_kind = options.pop("teacher", None)
+    both = options.pop("both", False)
+    kw = dict(options, temperature=0.7 if teacher_kind == "dense" else 1.0, reduction="none")
+    if teacher_kind == "dense":
+        teacher = torch.randn(n, v, generator=gen) * 3
+        teacher[:, :banned] = float("-inf")
+        kw["teacher_logits"] = teacher
+        if not both:
+            z[:, :banned] = torch.randn(n, banned, generator=gen) * 3
+    elif teacher_kind == "topk":
+        idx = torch.randint(banned, v, (n, 16), generator=gen)
+        kw["teacher_topk"] = (idx, torch.randn(n, 16, generator=gen))
+    if teacher_kind != "dense" or both:
+        z[:, :banned] = float("-inf")
+    if both:  # and two single columns banned in both, past the prefix (u - z = NaN there)
+        for column in (901, 1203):
+            z[:, column] = kw["teacher_logits"][:, column] = float("-inf")
+            target[target == column] = column + 1
+    upstream = torch.randn(n, generator=gen)
+    ref_kw = {k: (val.double() if isinstance(val, torch.Tensor) and val.is_floating_point()
+                  else val) for k, val in kw.items()}
+    want_loss, want_grad = run(reference.tcsm_loss, z.double(), target, ref_kw, upstream.double())
+    got_loss, got_grad = run(fused_tcsm_loss, z.to(device), target.to(device),
+                             to(dict(kw, backend=backend), device), upstream.to(device))
+    assert bool(torch.isfinite(want_loss).all()) and bool(torch.isfinite(want_grad).all())
+    torch.testing.assert_close(got_loss.cpu().double(), want_loss, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(got_grad.cpu().double(), want_grad, rtol=2e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("banned", [slice(7, 8), slice(0, 700)], ids=["one", "prefix"])
+def test_infinite_divergence_is_reported_as_such(backend, banned, request):
+    """A -inf teacher logit makes is/gkl distrib infinite (-log(q/p) = inf): checked mode names
+    the -inf entries, unchecked mode returns +inf (also when -inf spans whole kernel blocks)."""
+    device = device_for(backend, request)
+    z = torch.randn(2, 1500)
+    teacher = torch.randn(2, 1500)
+    teacher[1, banned] = float("-inf")
     kw = dict(teacher_logits=teacher.to(device), divergence="gkl", reduction="none",
               backend=backend)
     with pytest.raises(ValueError, match="row 1 is infinite: teacher_logits has -inf"):

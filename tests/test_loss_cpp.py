@@ -334,3 +334,16 @@ def test_rejects_kl_without_a_distribution_target():
     case = make_case("dense", 2, 5, None)
     with pytest.raises(RuntimeError, match="kl"):
         run_kernel(case, "kl", "score", "zero")
+
+
+def test_row_logsumexp_matches_torch():
+    """tcsm_kernels.row_logsumexp (the smallest C++ op) against torch.logsumexp, with rows that
+    start with -inf (banned tokens: the online max is -inf for a while) or are all -inf.
+    Regression: exp(-inf - -inf) = NaN made a row with a -inf prefix NaN."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 300, generator=gen) * 5
+    x[1, :200] = float("-inf")
+    x[2, 10:20] = float("-inf")
+    x[3] = float("-inf")
+    got = tcsm_kernels.row_logsumexp(x, backend="cpp")
+    torch.testing.assert_close(got, torch.logsumexp(x, dim=1), rtol=1e-6, atol=1e-6)

@@ -44,10 +44,12 @@ def _clamped_exp(x, max_log_ratio):
 
 @triton.jit
 def _online_lse_step(running_max, running_sum, x):
-    """Fold one block x (excluded columns = -inf) into (max, sum exp(x - max))."""
+    """Fold one block x (excluded columns = -inf) into (max, sum exp(x - max)). While the max is
+    still -inf (every entry so far is -inf), the exps take shift 0: exp(-inf - -inf) is NaN."""
     new_max = tl.maximum(running_max, tl.max(x, axis=0))
-    rescaled = running_sum * tl.exp(running_max - new_max)
-    return new_max, rescaled + tl.sum(tl.exp(x - new_max), axis=0)
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    rescaled = running_sum * tl.exp(running_max - shift)
+    return new_max, rescaled + tl.sum(tl.exp(x - shift), axis=0)
 
 
 @triton.jit
