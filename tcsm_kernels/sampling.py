@@ -492,7 +492,7 @@ def sample_masked(model: Denoiser, x_init: torch.Tensor, *, steps: int, mask_id:
     the last step; they get the argmax (mask column excluded) of one more model call at the last
     grid time. With ``cache`` that call is skipped when the plan leaves no mask.
     cuda_graph: on CUDA, the whole loop (plan, every model call and step, final denoise) is
-    captured once per (model, shape, dtype, options) in a CUDA graph and replayed on later
+    captured once per (model, shape, device, options) in a CUDA graph and replayed on later
     calls, with x_init, frozen and the seed copied into its static buffers: no host sync and no
     allocation per call. Same output as eager. Every step runs (a skip list would be a host
     read); the block count of ``block_length`` is the one of the first call's x_init, and later
@@ -571,7 +571,7 @@ def sample_uniform(model: Denoiser, x_init: torch.Tensor, *, steps: int, schedul
     position jumps with probability 1 - exp(-h dkappa/(1 - kappa)) to x1 ~ softmax(z / T) drawn
     from the model's logits (B, L, V); in the last step every position jumps. One step op per
     step, keyed by (seed, k). ``cuda_graph``: as in ``sample_masked``, the whole loop captured
-    once per (model, shape, dtype, options) and replayed. Returns x (B, L) and, with
+    once per (model, shape, device, options) and replayed. Returns x (B, L) and, with
     ``return_trajectory``, the ``steps`` states after each step.
     """
     _check_model(model)
