@@ -50,7 +50,8 @@ def loss_case(case: str, rows: int, vocab: int, device: str = "cpu", k: int = 64
     if case == "gkl-topk":
         indices = torch.randint(0, vocab, (rows, k), generator=g, device=device)
         log_ratios = torch.randn(rows, k, generator=g, device=device)
-        return logits, target, dict(divergence="gkl", teacher_topk=(indices, log_ratios))
+        return logits, target, dict(divergence="gkl", objective="score",
+                                    teacher_topk=(indices, log_ratios))
     raise ValueError(f"unknown case {case!r}")
 
 

@@ -161,7 +161,7 @@ struct Row {
   const Storage* logits;
   const Storage* teacher;  // dense teacher logits, or null
   const int64_t* topk_index;
-  const float* topk_log_ratio;
+  const float* topk_value;  // log-ratios (score) or log-probabilities (distrib)
   Storage* grad;  // may alias logits: every z_k is read before g_k is written
   int64_t a;
   float weight;
@@ -172,6 +172,7 @@ struct Scratch {
   std::vector<float> block_max;     // running max of each block (softmax passes)
   std::vector<float> column_coef;   // sparse: (cols,), all zero between rows
   std::vector<float> entry_logit;   // sparse: (topk,)
+  std::vector<float> in_rest;       // sparse distrib: (cols,), 1 off the row's S (0 on it)
   std::vector<float> block_shift;   // dense distrib: second running max of each block
   std::vector<float> stash_student; // dense distrib: (cols,) exps of pass 1, cache-resident
   std::vector<float> stash_second;  //   between the passes (aligned_like the logits row)
@@ -220,8 +221,8 @@ template <class Format>
 constexpr bool kStashExp = std::is_same_v<Format, Float32>;
 
 // Softmax pass 1 over the participating columns: online LSE and, when kShiftedSum,
-// sum_y (z_y - z_ref). Reads each z_k before (with kStashExp) writing grad_k.
-template <class Format, bool kShiftedSum>
+// sum_y (z_y - z_ref). Reads each z_k before (with kStash) writing grad_k.
+template <class Format, bool kShiftedSum, bool kStash = kStashExp<Format>>
 OnlineLogSumExp softmax_stats(const typename Format::Storage* logits,
                               typename Format::Storage* grad, const Shape& shape,
                               Scratch& scratch, float z_ref, double& shifted_sum) {
@@ -247,7 +248,7 @@ OnlineLogSumExp softmax_stats(const typename Format::Storage* logits,
       const float e = fast_exp(z - shift);
       block_sum += e;
       if constexpr (kShiftedSum) block_shifted += z - z_ref;
-      if constexpr (kStashExp<Format>) grad[k] = e;
+      if constexpr (kStash) grad[k] = e;
     }
     stats.sum += block_sum;
     shifted_sum += block_shifted;
@@ -255,17 +256,16 @@ OnlineLogSumExp softmax_stats(const typename Format::Storage* logits,
   return stats;
 }
 
-// Softmax pass 2: grad = offset + slope * p on every participating column.
-template <class Format>
+// Softmax pass 2: grad = offset + slope * exp((z - z_max) - z_log_sum) on every participating
+// column (p itself for the row's own LSE); kFromStash rescales pass 1's stashed exps.
+template <class Format, bool kFromStash = kStashExp<Format>>
 void write_affine_softmax(const typename Format::Storage* logits, typename Format::Storage* grad,
-                          const Shape& shape, const Scratch& scratch,
-                          const OnlineLogSumExp& stats, float offset, float slope) {
-  const float z_max = stats.max;
-  const float z_log_sum = stats.log_sum();
+                          const Shape& shape, const Scratch& scratch, float z_max,
+                          float z_log_sum, float offset, float slope) {
   const float* block_max = scratch.block_max.data();
   int64_t block = 0;
   for_each_block<kBlock>(shape.ranges, logits, [&](int64_t begin, int64_t end) {
-    if constexpr (kStashExp<Format>) {
+    if constexpr (kFromStash) {
       // p = exp(z - block max) * exp(block max - LSE)
       const float rescale = std::exp((block_max[block++] - z_max) - z_log_sum);
 #pragma omp simd
@@ -315,7 +315,8 @@ float data_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
       loss = (inv_pa + static_cast<float>(shifted_sum)) / v;
     }
   }
-  write_affine_softmax<Format>(logits, grad, shape, scratch, student_stats, offset, slope);
+  write_affine_softmax<Format>(logits, grad, shape, scratch, student_stats.max,
+                               student_stats.log_sum(), offset, slope);
   grad[row.a] = Format::narrow(grad_a);
   zero_mask_column<Format>(grad, shape);
   return loss;
@@ -773,7 +774,7 @@ float sparse_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
     if (y == row.a || y == shape.mask_id) continue;
     const float z_y = Format::widen(logits[y]);
     entry_logit[j] = z_y;
-    const float rho = row.topk_log_ratio[j];
+    const float rho = row.topk_value[j];
     const float log_b = z_y - z_a;
     float coef;
     if constexpr (kDivergence == Divergence::kIS) {
@@ -805,7 +806,8 @@ float sparse_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
     const float log_inv_pa = (student_stats.max - z_a) + student_stats.log_sum();
     inv_pa = clamped_exp(log_inv_pa, limit);
     loss_sum += inv_pa - 1.f;
-    write_affine_softmax<Format>(logits, grad, shape, scratch, student_stats, 0.f, scale * inv_pa);
+    write_affine_softmax<Format>(logits, grad, shape, scratch, student_stats.max,
+                                 student_stats.log_sum(), 0.f, scale * inv_pa);
     grad_a = scale * (coef_sum + inv_pa * std::expm1(-log_inv_pa));
     zero_mask_column<Format>(grad, shape);
   } else {
@@ -827,12 +829,202 @@ float sparse_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
   return static_cast<float>(loss_sum) / v;
 }
 
+// Below this student mass on S, 1 - P_S from the gathered p_y keeps all but a bit of its
+// precision; above it, the rest's mass comes from its own pass (rest_log_sum_exp).
+constexpr float kExactRestAbove = 0.5f;
+
+// log sum_{k in R} exp(z_k) - z_max over the rest R (participating columns with in_rest 1):
+// an online LSE of its own, so that a rest far below the row's max does not flush to 0.
+template <class Format>
+double rest_log_sum_exp(const typename Format::Storage* logits, const Shape& shape,
+                        const float* in_rest, float z_max) {
+  OnlineLogSumExp rest;
+  for_each_block<kBlock>(shape.ranges, logits, [&](int64_t begin, int64_t end) {
+    float local_max = -kInf;
+#pragma omp simd reduction(max : local_max)
+    for (int64_t k = begin; k < end; ++k) {
+      const float z = in_rest[k] != 0.f ? Format::widen(logits[k]) : -kInf;
+      local_max = z > local_max ? z : local_max;
+    }
+    const float shift = exp_shift(rest.raise(local_max));
+    float block_sum = 0.f;
+#pragma omp simd reduction(+ : block_sum)
+    for (int64_t k = begin; k < end; ++k) {
+      const float z = in_rest[k] != 0.f ? Format::widen(logits[k]) : -kInf;
+      block_sum += fast_exp(z - shift);
+    }
+    rest.sum += block_sum;
+  });
+  return static_cast<double>(rest.max - z_max) + std::log(rest.sum);
+}
+
+// docs/math.md 4.5, top-K teacher, distrib objective: q_j = exp(values_j) on the K entries
+// (columns y_j; entries at the mask column are dropped), log p_j = z_j - LSE.
+//   renormalize (kl): q'_j = q_j / Q; loss sum_j q'_j log(q'_j / p_j); grad p - q' on S.
+//   zero: cells S + {R}, R the rest, q_R = max(0, 1 - Q), p_R = 1 - P_S (R is a cell when
+//   q_R > 0; a teacher with all its mass on S has only the K cells):
+//     kl   sum_j q_j log(q_j / p_j) + q_R log(q_R / p_R)
+//     is   (1/V) sum_cells [r - log r - 1], r = q / p clamped
+//     grad off S: exp(z_k - LSE_R) (M p_R - q_R) for kl, M = sum of the cells' q;
+//             exp(z_k - LSE_R) (1/V)((1 - r_R) - p_R E) for is, E = sum_cells (1 - r);
+//     grad on S: M p_y - q_j (kl); (1/V)((1 - r_j) - p_y E) (is).
+// Entry terms are summed per column (column_coef) so that a repeated column (refused in
+// checked mode) still gets one deterministic value. Pass 1: LSE; pass 2: the gradient, plus a
+// pass for the rest's mass when P_S > kExactRestAbove.
+template <class Format, Divergence kDivergence, Tail kTail>
+float sparse_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
+  constexpr bool kHasKL = kDivergence != Divergence::kIS;
+  constexpr bool kHasIS = kDivergence != Divergence::kKL;
+  constexpr bool kRenormalize = kTail == Tail::kRenormalize;
+  const auto* const logits = row.logits;
+  auto* const grad = row.grad;
+  const float limit = shape.max_log_ratio;
+  float* const column_coef = scratch.column_coef.data();
+  float* const entry_logit = scratch.entry_logit.data();
+  float* const in_rest = scratch.in_rest.data();
+  // The entries first: their z_y are read before any gradient column is written.
+  int64_t distinct = 0;
+  float max_value = -kInf;
+  for (int64_t j = 0; j < shape.topk; ++j) {
+    const int64_t y = row.topk_index[j];
+    if (y == shape.mask_id) continue;
+    entry_logit[j] = Format::widen(logits[y]);
+    max_value = std::max(max_value, row.topk_value[j]);
+    distinct += in_rest[y] != 0.f;
+    in_rest[y] = 0.f;
+  }
+  double mass = 0.0;  // Q = sum_S q (renormalize: relative to exp(max_value))
+  for (int64_t j = 0; j < shape.topk; ++j) {
+    if (row.topk_index[j] == shape.mask_id) continue;
+    mass += std::exp(static_cast<double>(row.topk_value[j]) - (kRenormalize ? max_value : 0.f));
+  }
+  double unused_sum = 0.0;
+  const OnlineLogSumExp stats = softmax_stats<Format, false, kRenormalize && kStashExp<Format>>(
+      logits, grad, shape, scratch, 0.f, unused_sum);
+  const float z_max = stats.max;
+  const float log_sum = stats.log_sum();
+  const float v = shape.participating;
+  const float w = row.weight, w_over_v = row.weight / v;
+
+  // Rest cell (tail zero): its two masses, whether it exists, and its ratio.
+  const bool rest_nonempty = static_cast<float>(distinct) < v;
+  double log_p_rest = 0.0;
+  float q_rest = 0.f, log_q_rest = -kInf;
+  if constexpr (!kRenormalize) {
+    double student_mass = 0.0;  // P_S over distinct columns
+    for (int64_t j = 0; j < shape.topk; ++j) {
+      const int64_t y = row.topk_index[j];
+      if (y == shape.mask_id || in_rest[y] != 0.f) continue;
+      in_rest[y] = 2.f;  // seen: later copies do not count again
+      student_mass += std::exp(static_cast<double>((entry_logit[j] - z_max) - log_sum));
+    }
+    for (int64_t j = 0; j < shape.topk; ++j) {
+      if (row.topk_index[j] != shape.mask_id) in_rest[row.topk_index[j]] = 0.f;
+    }
+    if (!rest_nonempty) {
+      log_p_rest = -kInf;
+    } else if (student_mass <= kExactRestAbove) {
+      log_p_rest = std::log1p(-student_mass);
+    } else {
+      log_p_rest = rest_log_sum_exp<Format>(logits, shape, in_rest, z_max) - std::log(stats.sum);
+    }
+    q_rest = static_cast<float>(std::max(0.0, 1.0 - mass));
+    log_q_rest = q_rest > 0.f ? std::log(q_rest) : -kInf;
+  }
+  // The rest is a cell where the teacher has mass off S (else only the K cells count).
+  const bool rest_is_cell = !kRenormalize && rest_nonempty && q_rest > 0.f;
+  const float log_mass = static_cast<float>(std::log(mass)) + (kRenormalize ? max_value : 0.f);
+
+  // The entries' losses and per-column gradient terms.
+  double kl = 0.0, is = 0.0, excess = 0.0, cell_mass = rest_is_cell ? q_rest : 0.0;
+  for (int64_t j = 0; j < shape.topk; ++j) {
+    const int64_t y = row.topk_index[j];
+    if (y == shape.mask_id) continue;
+    const float log_p = (entry_logit[j] - z_max) - log_sum;
+    const float log_q = kRenormalize ? row.topk_value[j] - log_mass : row.topk_value[j];
+    const float q = std::exp(log_q);
+    cell_mass += q;
+    float entry_term = 0.f;
+    if constexpr (kHasKL) {
+      if (q > 0.f) kl += q * (log_q - log_p);  // 0 log 0 = 0
+      entry_term -= w * q;
+    }
+    if constexpr (kHasIS) {
+      const float log_r = log_q - log_p;
+      const float r = clamped_exp(log_r, limit);
+      is += (r - log_r) - 1.f;
+      excess += 1.f - r;
+      entry_term += w_over_v * (1.f - r);
+    }
+    column_coef[y] += entry_term;
+  }
+  float r_rest = 0.f;
+  if (rest_is_cell) kl += q_rest * (log_q_rest - log_p_rest);
+  if constexpr (kHasIS) {
+    if (rest_is_cell) {
+      const float log_r = static_cast<float>(log_q_rest - log_p_rest);
+      r_rest = clamped_exp(log_r, limit);
+      is += (r_rest - log_r) - 1.f;
+      excess += 1.f - r_rest;
+    }
+  }
+  const float total_mass = static_cast<float>(cell_mass);
+  const float cell_excess = static_cast<float>(excess);
+
+  // Pass 2: every participating column as if off S (renormalize: p itself), then S.
+  if constexpr (kRenormalize) {
+    write_affine_softmax<Format, kStashExp<Format>>(logits, grad, shape, scratch, z_max,
+                                                    log_sum, 0.f, w * total_mass);
+  } else {
+    const float p_rest = static_cast<float>(std::exp(log_p_rest));
+    float rest_coef = 0.f;
+    if constexpr (kHasKL) rest_coef += w * (total_mass * p_rest - q_rest);
+    if constexpr (kHasIS) {
+      rest_coef += w_over_v * ((rest_is_cell ? 1.f - r_rest : 0.f) - p_rest * cell_excess);
+    }
+    if (log_p_rest > -kInf) {  // exp(z - LSE_R) = exp((z - z_max) - (log_sum + log p_R))
+      const float rest_log_sum = static_cast<float>(std::log(stats.sum) + log_p_rest);
+      write_affine_softmax<Format, false>(logits, grad, shape, scratch, z_max, rest_log_sum,
+                                          0.f, rest_coef);
+    } else {
+      for (int r = 0; r < shape.ranges.count; ++r) {
+        std::fill(grad + shape.ranges.begin[r], grad + shape.ranges.end[r], Format::narrow(0.f));
+      }
+    }
+  }
+  zero_mask_column<Format>(grad, shape);
+  for (int64_t j = 0; j < shape.topk; ++j) {
+    const int64_t y = row.topk_index[j];
+    if (y == shape.mask_id) continue;
+    const float p = fast_exp((entry_logit[j] - z_max) - log_sum);
+    float column_term = 0.f;
+    if constexpr (kHasKL) column_term += w * total_mass * p;
+    if constexpr (kHasIS) column_term -= w_over_v * p * cell_excess;
+    grad[y] = Format::narrow(column_term + column_coef[y]);
+  }
+  for (int64_t j = 0; j < shape.topk; ++j) {
+    const int64_t y = row.topk_index[j];
+    if (y == shape.mask_id) continue;
+    column_coef[y] = 0.f;
+    in_rest[y] = 1.f;
+  }
+  return static_cast<float>((kHasKL ? kl : 0.0) + (kHasIS ? is / v : 0.0));
+}
+
 template <class Format>
 using RowKernel = float (*)(const Row<Format>&, const Shape&, Scratch&);
 
 template <class Format>
 RowKernel<Format> select_kernel(const LossProblem& problem) {
   const Divergence d = problem.divergence;
+  if (problem.topk_indices != nullptr && problem.objective == Objective::kDistrib) {
+    if (problem.tail == Tail::kRenormalize) {
+      return &sparse_distrib_row<Format, Divergence::kKL, Tail::kRenormalize>;
+    }
+    if (d == Divergence::kKL) return &sparse_distrib_row<Format, Divergence::kKL, Tail::kZero>;
+    if (d == Divergence::kIS) return &sparse_distrib_row<Format, Divergence::kIS, Tail::kZero>;
+    return &sparse_distrib_row<Format, Divergence::kGKL, Tail::kZero>;
+  }
   if (problem.topk_indices != nullptr) {
     if (d == Divergence::kIS) return &sparse_row<Format, Divergence::kIS, Tail::kIgnore>;
     if (problem.tail == Tail::kZero) return &sparse_row<Format, Divergence::kGKL, Tail::kZero>;
@@ -901,6 +1093,9 @@ void run(const LossProblem& problem) {
     if (sparse) {
       scratch.column_coef.assign(static_cast<size_t>(shape.cols), 0.f);
       scratch.entry_logit.resize(static_cast<size_t>(shape.topk));
+      if (problem.objective == Objective::kDistrib) {
+        scratch.in_rest.assign(static_cast<size_t>(shape.cols), 1.f);
+      }
     }
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < problem.rows; ++n) {
@@ -916,7 +1111,7 @@ void run(const LossProblem& problem) {
       const Row<Format> row{logits + n * problem.logits_row_stride,
                             teacher == nullptr ? nullptr : teacher + n * problem.teacher_row_stride,
                             sparse ? problem.topk_indices + n * shape.topk : nullptr,
-                            sparse ? problem.topk_log_ratios + n * shape.topk : nullptr,
+                            sparse ? problem.topk_values + n * shape.topk : nullptr,
                             g,
                             a,
                             weight};

@@ -10,7 +10,7 @@ namespace tcsm {
 
 enum class Divergence { kKL, kIS, kGKL };
 enum class Objective { kDistrib, kScore };
-enum class Tail { kZero, kIgnore };
+enum class Tail { kZero, kIgnore, kRenormalize };
 
 struct LossProblem {
   StorageDtype storage;  // of logits, teacher_logits and grad; all arithmetic is float32
@@ -23,16 +23,17 @@ struct LossProblem {
   // At most one teacher. Dense: (rows, cols) logits, unit column stride, or null.
   const void* teacher_logits;
   int64_t teacher_row_stride;
-  // Sparse: (rows, topk) contiguous column ids and log-ratios log(q_y / q_a), or null.
+  // Sparse: (rows, topk) contiguous column ids and values, or null: log-ratios
+  // log(q_y / q_a) for the score objective, log-probabilities log q_y for distrib.
   const int64_t* topk_indices;
-  const float* topk_log_ratios;
+  const float* topk_values;
   int64_t topk;
   void* grad;  // (rows, cols) output, unit column stride; may be the logits themselves
   int64_t grad_row_stride;
   float* loss;  // (rows,) output
   Divergence divergence;
-  Objective objective;  // dense teacher only (data and sparse targets have one objective)
-  Tail tail;            // sparse teacher only
+  Objective objective;  // dense and sparse teachers (the data target has one objective)
+  Tail tail;            // sparse teacher only: zero/ignore (score), zero/renormalize (distrib)
   int64_t mask_id;      // excluded column, or -1
   float temperature;    // divides the dense teacher logits
   int64_t ignore_index;
@@ -42,8 +43,8 @@ struct LossProblem {
 
 // Rows whose (non-ignored) target is outside [0, cols) or equal to mask_id, or whose top-K ids
 // leave [0, cols), get a NaN loss and a zero gradient; nothing out of bounds is read.
-// kl is not defined for the dense score objective nor for a sparse teacher: the caller rejects
-// those combinations.
+// The caller passes only combinations of tcsm_kernels.loss_options.LOSS_CASES (kl has no score
+// objective, renormalize is distrib kl only); the op binding rejects the others.
 void tcsm_loss(const LossProblem& problem);
 
 }  // namespace tcsm

@@ -27,7 +27,9 @@ tcsm::Objective parse_objective(c10::string_view name) {
 
 tcsm::Tail parse_tail(c10::string_view name) {
   if (name == "zero") return tcsm::Tail::kZero;
-  TORCH_CHECK(name == "ignore", "tcsm_loss_cpu: tail must be zero or ignore, got ", name);
+  if (name == "renormalize") return tcsm::Tail::kRenormalize;
+  TORCH_CHECK(name == "ignore", "tcsm_loss_cpu: tail must be zero, ignore or renormalize, got ",
+              name);
   return tcsm::Tail::kIgnore;
 }
 
@@ -44,10 +46,10 @@ at::Tensor tcsm_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
                          const std::optional<at::Tensor>& weight,
                          const std::optional<at::Tensor>& teacher_logits,
                          const std::optional<at::Tensor>& topk_indices,
-                         const std::optional<at::Tensor>& topk_log_ratios, at::Tensor& grad,
-                         c10::string_view divergence, c10::string_view objective, int64_t mask_id,
-                         double temperature, int64_t ignore_index, c10::string_view tail,
-                         double max_log_ratio) {
+                         const std::optional<at::Tensor>& topk_values, at::Tensor& grad,
+                         c10::string_view divergence, c10::string_view objective,
+                         c10::string_view tail, int64_t mask_id, double temperature,
+                         int64_t ignore_index, double max_log_ratio) {
   TORCH_CHECK(logits.dim() == 2, "tcsm_loss_cpu: logits must be (N, V)");
   check_cpu(logits, "logits");
   const int64_t rows = logits.size(0);
@@ -94,8 +96,8 @@ at::Tensor tcsm_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
 
   TORCH_CHECK(!(teacher_logits.has_value() && topk_indices.has_value()),
               "tcsm_loss_cpu: pass at most one of teacher_logits and topk_indices");
-  TORCH_CHECK(topk_indices.has_value() == topk_log_ratios.has_value(),
-              "tcsm_loss_cpu: topk_indices and topk_log_ratios go together");
+  TORCH_CHECK(topk_indices.has_value() == topk_values.has_value(),
+              "tcsm_loss_cpu: topk_indices and topk_values go together");
   at::Tensor teacher_rows;
   if (teacher_logits.has_value()) {
     TORCH_CHECK(teacher_logits->sizes() == logits.sizes() &&
@@ -114,17 +116,25 @@ at::Tensor tcsm_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
     TORCH_CHECK(topk_indices->dim() == 2 && topk_indices->size(0) == rows &&
                     topk_indices->scalar_type() == at::kLong,
                 "tcsm_loss_cpu: topk_indices must be (N, K) int64");
-    TORCH_CHECK(topk_log_ratios->sizes() == topk_indices->sizes() &&
-                    topk_log_ratios->scalar_type() == at::kFloat,
-                "tcsm_loss_cpu: topk_log_ratios must be (N, K) float32");
+    TORCH_CHECK(topk_values->sizes() == topk_indices->sizes() &&
+                    topk_values->scalar_type() == at::kFloat,
+                "tcsm_loss_cpu: topk_values must be (N, K) float32");
     check_cpu(*topk_indices, "topk_indices");
-    check_cpu(*topk_log_ratios, "topk_log_ratios");
-    TORCH_CHECK(problem.divergence != tcsm::Divergence::kKL,
-                "tcsm_loss_cpu: divergence kl is not defined for a top-K teacher (SPEC 4.4)");
+    check_cpu(*topk_values, "topk_values");
+    const bool distrib = problem.objective == tcsm::Objective::kDistrib;
+    TORCH_CHECK(distrib || problem.divergence != tcsm::Divergence::kKL,
+                "tcsm_loss_cpu: divergence kl has no score objective for a top-K teacher");
+    TORCH_CHECK(distrib ? problem.tail != tcsm::Tail::kIgnore
+                        : problem.tail != tcsm::Tail::kRenormalize,
+                "tcsm_loss_cpu: the top-K tails are zero/ignore (score), zero/renormalize "
+                "(distrib)");
+    TORCH_CHECK(problem.tail != tcsm::Tail::kRenormalize ||
+                    problem.divergence == tcsm::Divergence::kKL,
+                "tcsm_loss_cpu: tail renormalize is defined for kl only");
     index_rows = topk_indices->contiguous();
-    ratio_rows = topk_log_ratios->contiguous();
+    ratio_rows = topk_values->contiguous();
     problem.topk_indices = index_rows.data_ptr<int64_t>();
-    problem.topk_log_ratios = ratio_rows.data_ptr<float>();
+    problem.topk_values = ratio_rows.data_ptr<float>();
     problem.topk = index_rows.size(1);
   }
 
@@ -146,8 +156,8 @@ at::Tensor tcsm_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
 TORCH_LIBRARY_FRAGMENT(tcsm, m) {
   m.def(
       "tcsm_loss_cpu(Tensor logits, Tensor target, Tensor? weight, Tensor? teacher_logits, "
-      "Tensor? topk_indices, Tensor? topk_log_ratios, Tensor(a!) grad, str divergence, "
-      "str objective, int mask_id, float temperature, int ignore_index, str tail, "
+      "Tensor? topk_indices, Tensor? topk_values, Tensor(a!) grad, str divergence, "
+      "str objective, str tail, int mask_id, float temperature, int ignore_index, "
       "float max_log_ratio) -> Tensor");
 }
 

@@ -13,11 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 
-DIVERGENCES = ("kl", "is", "gkl")
-OBJECTIVES = ("distrib", "score")
-TAILS = ("zero", "ignore")
-REDUCTIONS = ("none", "sum", "mean")
-BACKENDS = ("auto", "reference", "cpp", "triton")
+from .loss_options import BACKENDS, DIVERGENCES, LossCase, LossOptions  # noqa: F401
+
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FLOAT_DTYPES = FUSED_DTYPES + (torch.float64,)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -134,30 +131,90 @@ def finite_rows(row_values: torch.Tensor, inputs, check: bool) -> None:
 
 @dataclass
 class LossInputs:
-    """Loss inputs flattened to rows: logits (N, V), target (N,), weight (N,) or None, ..."""
+    """Loss inputs flattened to rows: logits (N, V), target (N,), weight (N,) or None, a
+    teacher (dense (N, V) logits, or top-K indices and values (N, K)) and the table row."""
 
     logits: torch.Tensor
     target: torch.Tensor
     weight: Optional[torch.Tensor]
     teacher_logits: Optional[torch.Tensor]
     topk_indices: Optional[torch.Tensor]
-    topk_log_ratios: Optional[torch.Tensor]
+    topk_values: Optional[torch.Tensor]
     batch_shape: Tuple[int, ...]
     vocab: int
+    case: LossCase
 
     @property
     def kind(self) -> str:
-        if self.teacher_logits is not None:
-            return "dense"
-        if self.topk_indices is not None:
-            return "sparse"
-        return "data"
+        return self.case.target
 
 
-def loss_inputs(logits, target, *, teacher_logits, teacher_topk, divergence, objective, weight,
-                mask_id, temperature, reduction, ignore_index, normalizer, tail, max_log_ratio,
-                backend, check) -> LossInputs:
-    """Validate every argument of ``fused_tcsm_loss`` and flatten to rows."""
+# sum_S q may exceed 1 by rounding: by at most this much for float32/float64 log-probabilities
+# (K terms of relative error ~1e-7), and this much for bfloat16/float16 ones.
+TOPK_MASS_SLACK = {torch.float32: 1e-3, torch.float64: 1e-3, torch.bfloat16: 3e-2,
+                   torch.float16: 3e-2}
+
+
+def unit_column_stride(rows: torch.Tensor) -> torch.Tensor:
+    """(N, V) with unit column stride, as every kernel reads it: the tensor or a copy."""
+    return rows if rows.shape[-1] <= 1 or rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _topk_teacher(teacher_topk, batch_shape, vocab, logits):
+    if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
+        raise TypeError("teacher_topk must be a pair (indices (..., K), values (..., K)): "
+                        "log-probabilities for objective='distrib', log-ratios for 'score'")
+    indices, values = teacher_topk
+    tensor("teacher_topk indices", indices, INDEX_DTYPES)
+    tensor("teacher_topk values", values, FLOAT_DTYPES)
+    if indices.dim() < 1 or tuple(indices.shape[:-1]) != batch_shape:
+        raise ValueError(f"teacher_topk indices must have shape {batch_shape + ('K',)}, "
+                         f"got {tuple(indices.shape)}")
+    if values.shape != indices.shape:
+        raise ValueError("teacher_topk values must have the shape of its indices "
+                         f"{tuple(indices.shape)}, got {tuple(values.shape)}")
+    k = indices.shape[-1]
+    if k > vocab:
+        raise ValueError(f"teacher_topk has K={k} > V={vocab}")
+    same_device("teacher_topk indices", indices, logits, "logits")
+    same_device("teacher_topk values", values, logits, "logits")
+    rows = math.prod(batch_shape)
+    return indices.reshape(rows, k), values.reshape(rows, k)
+
+
+def _check_topk_log_probs(indices: torch.Tensor, log_probs: torch.Tensor, mask_id, tail) -> None:
+    """Checked mode, top-K distribution target: finite log-probabilities of distinct columns
+    whose mass does not exceed 1 (tail 'renormalize' only needs some mass)."""
+    if log_probs.numel() == 0:
+        return
+    if bool((torch.isnan(log_probs) | (log_probs == float("inf"))).any()):
+        raise ValueError("teacher_topk values (log-probabilities) contain NaN or +inf")
+    ordered = indices.sort(dim=1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        row = int((ordered[:, 1:] == ordered[:, :-1]).any(1).nonzero()[0, 0])
+        raise ValueError(f"teacher_topk indices repeat a column in row {row}: a top-K "
+                         "distribution needs distinct columns")
+    counted = log_probs.float()
+    if mask_id is not None:
+        counted = counted.masked_fill(indices == mask_id, float("-inf"))
+    log_mass = counted.logsumexp(dim=1)
+    too_much = log_mass > math.log1p(TOPK_MASS_SLACK[log_probs.dtype])
+    if bool(too_much.any()):
+        row = int(too_much.nonzero()[0, 0])
+        raise ValueError(
+            f"teacher_topk values sum to {math.exp(float(log_mass[row])):.6g} > 1 as "
+            f"probabilities (row {row}): objective='distrib' takes log-probabilities (e.g. "
+            "from tcsm_kernels.topk_log_probs); pass objective='score' for log-ratios")
+    if tail == "renormalize" and bool((log_mass == float("-inf")).any()):
+        row = int((log_mass == float("-inf")).nonzero()[0, 0])
+        raise ValueError(f"teacher_topk has no probability mass in row {row}: tail="
+                         "'renormalize' divides by it")
+
+
+def loss_inputs(logits, target, *, teacher_logits, teacher_topk, weight, normalizer,
+                options: LossOptions) -> LossInputs:
+    """Validate the tensors of ``fused_tcsm_loss`` against its (validated) options and flatten
+    them to rows; the target kind and options must form a row of ``LOSS_CASES``."""
     tensor("logits", logits, FLOAT_DTYPES)
     if logits.dim() < 1:
         raise ValueError("logits must have at least one dimension (..., V)")
@@ -170,16 +227,7 @@ def loss_inputs(logits, target, *, teacher_logits, teacher_topk, divergence, obj
         raise ValueError(f"target must have shape {batch_shape} (logits without the last dim), "
                          f"got {tuple(target.shape)}")
     same_device("target", target, logits, "logits")
-    choice("divergence", divergence, DIVERGENCES)
-    choice("objective", objective, OBJECTIVES)
-    choice("reduction", reduction, REDUCTIONS)
-    choice("tail", tail, TAILS)
-    choice("backend", backend, BACKENDS)
-    positive_finite("temperature", temperature)
-    positive_finite("max_log_ratio", max_log_ratio)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    mask_id = column_id("mask_id", mask_id, vocab)
+    mask_id = column_id("mask_id", options.mask_id, vocab)
     if mask_id is not None and vocab < 2:
         raise ValueError("mask_id needs V >= 2 (the mask column is excluded)")
     if normalizer is not None:
@@ -192,40 +240,20 @@ def loss_inputs(logits, target, *, teacher_logits, teacher_topk, divergence, obj
 
     if teacher_logits is not None and teacher_topk is not None:
         raise ValueError("pass at most one of teacher_logits and teacher_topk")
+    target_kind = "dense" if teacher_logits is not None else (
+        "topk" if teacher_topk is not None else "data")
+    case = options.case(target_kind)
     rows = math.prod(batch_shape)
-    topk_indices = topk_log_ratios = None
+    topk_indices = topk_values = None
     if teacher_logits is not None:
         tensor("teacher_logits", teacher_logits, FLOAT_DTYPES)
         if teacher_logits.shape != logits.shape:
             raise ValueError(f"teacher_logits must have the shape of logits {tuple(logits.shape)},"
                              f" got {tuple(teacher_logits.shape)}")
         same_device("teacher_logits", teacher_logits, logits, "logits")
-        if objective == "score" and divergence == "kl":
-            raise ValueError("divergence='kl' has no score objective (SPEC 4.3); "
-                             "use objective='distrib' or divergence='gkl'/'is'")
         teacher_logits = teacher_logits.reshape(rows, vocab)
     elif teacher_topk is not None:
-        if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
-            raise TypeError("teacher_topk must be a pair (indices (..., K), log_ratios (..., K))")
-        topk_indices, topk_log_ratios = teacher_topk
-        tensor("teacher_topk indices", topk_indices, INDEX_DTYPES)
-        tensor("teacher_topk log_ratios", topk_log_ratios, FLOAT_DTYPES)
-        if topk_indices.dim() < 1 or tuple(topk_indices.shape[:-1]) != batch_shape:
-            raise ValueError(f"teacher_topk indices must have shape {batch_shape + ('K',)}, "
-                             f"got {tuple(topk_indices.shape)}")
-        if topk_log_ratios.shape != topk_indices.shape:
-            raise ValueError("teacher_topk log_ratios must have the shape of its indices "
-                             f"{tuple(topk_indices.shape)}, got {tuple(topk_log_ratios.shape)}")
-        k = topk_indices.shape[-1]
-        if k > vocab:
-            raise ValueError(f"teacher_topk has K={k} > V={vocab}")
-        same_device("teacher_topk indices", topk_indices, logits, "logits")
-        same_device("teacher_topk log_ratios", topk_log_ratios, logits, "logits")
-        if divergence == "kl":
-            raise ValueError("divergence='kl' is not defined for a top-K teacher (SPEC 4.4); "
-                             "use 'gkl' or 'is'")
-        topk_indices = topk_indices.reshape(rows, k)
-        topk_log_ratios = topk_log_ratios.reshape(rows, k)
+        topk_indices, topk_values = _topk_teacher(teacher_topk, batch_shape, vocab, logits)
 
     if weight is not None:
         tensor("weight", weight, FLOAT_DTYPES)
@@ -234,18 +262,21 @@ def loss_inputs(logits, target, *, teacher_logits, teacher_topk, divergence, obj
 
     flat_logits = logits.reshape(rows, vocab)
     flat_target = target.reshape(rows)
-    if resolve_check(check, logits.device):
-        ids_in_range("target", flat_target, vocab, ignore_index)
+    if resolve_check(options.check, logits.device):
+        ids_in_range("target", flat_target, vocab, options.ignore_index)
         if mask_id is not None and bool(((flat_target == mask_id)).any()):
             raise ValueError(f"target holds mask_id={mask_id} on a row that is not ignored; "
                              "targets are clean tokens (use ignore_index or weight=0)")
         if topk_indices is not None:
             ids_in_range("teacher_topk indices", topk_indices, vocab)
-            finite("teacher_topk log_ratios", topk_log_ratios)
+            if case.objective == "distrib":
+                _check_topk_log_probs(topk_indices, topk_values, mask_id, options.tail)
+            else:
+                finite("teacher_topk values", topk_values)
         if weight is not None:
             finite("weight", weight)
     return LossInputs(flat_logits, flat_target, weight, teacher_logits, topk_indices,
-                      topk_log_ratios, batch_shape, vocab)
+                      topk_values, batch_shape, vocab, case)
 
 
 def philox_int(name: str, value) -> int:

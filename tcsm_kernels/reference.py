@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _checks, philox
+from .loss_options import LossOptions
 
 
 class _ClampedExp(torch.autograd.Function):
@@ -59,13 +60,48 @@ def _teacher_kl(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     return (logq.exp() * log_ratio).sum(1)
 
 
-def _row_losses(inp: _checks.LossInputs, *, divergence, objective, mask_id, temperature,
-                ignore_index, tail, max_log_ratio) -> torch.Tensor:
-    """(N,) unweighted per-row losses (SPEC 4); ignored rows hold finite placeholders."""
+def _topk_distrib_losses(z, lse, idx, counted, log_q, divergence, tail, exp_):
+    """(N,) top-K distribution losses (math.md 4.5). z (N, V) participating columns, idx (N, K)
+    remapped columns, counted (N, K) entries that take part, log_q (N, K) log-probabilities."""
+    log_q = torch.where(counted, log_q, float("-inf"))
+    logp = z.gather(1, idx) - lse[:, None]
+    if tail == "renormalize":  # q' = q / sum_S q on S, 0 elsewhere
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)
+        return _teacher_kl(log_q, logp)
+    # tail zero: the cells are the K entries and the rest R (the columns outside S).
+    in_s = torch.zeros(z.shape, dtype=torch.int32, device=z.device).scatter_add(
+        1, idx, counted.to(torch.int32)) > 0
+    rest_nonempty = (~in_s).any(1)
+    # log p_R = logsumexp(z on R) - LSE; rows whose rest is empty or all -inf take it from
+    # the whole row instead (then unused), so that autograd meets no logsumexp of only -inf.
+    rest_live = z.masked_fill(in_s, float("-inf")).amax(1) > float("-inf")
+    lse_rest = torch.logsumexp(z.masked_fill(in_s & rest_live[:, None], float("-inf")), dim=1)
+    log_p_rest = torch.where(rest_live, lse_rest - lse,
+                             torch.where(rest_nonempty, float("-inf"), 0.0))
+    q_rest = (1 - log_q.exp().sum(1)).clamp(min=0)
+    log_q_rest = torch.where(q_rest > 0, q_rest.clamp(min=1e-38).log(), float("-inf"))
+    q_rest_counted = rest_nonempty & (q_rest > 0)
+    kl = _teacher_kl(log_q, logp) + torch.where(q_rest_counted, q_rest * (log_q_rest - log_p_rest), 0)
+    if divergence == "kl":
+        return kl
+    # IS over the cells, / V as the dense one: (1/V) sum_c [r_c - log r_c - 1], r = q_c / p_c;
+    # the rest is a cell where the teacher has mass off S (else only the K cells count).
+    v = z.shape[1]
+    log_r = log_q - logp
+    cells = torch.where(counted, exp_(log_r) - log_r - 1, 0).sum(1)
+    log_r_rest = torch.where(q_rest_counted, log_q_rest - log_p_rest, 0)
+    cells = cells + torch.where(q_rest_counted, exp_(log_r_rest) - log_r_rest - 1, 0)
+    is_ = cells / v
+    return is_ if divergence == "is" else kl + is_
+
+
+def _row_losses(inp: _checks.LossInputs, options: LossOptions) -> torch.Tensor:
+    """(N,) unweighted per-row losses (docs/math.md 4); ignored rows hold finite placeholders."""
+    divergence, mask_id, temperature = options.divergence, options.mask_id, options.temperature
     ct = _compute_dtype(inp.logits.dtype)
     z = _drop_column(inp.logits.to(ct), mask_id)
     n, v = z.shape
-    active = inp.target != ignore_index
+    active = inp.target != options.ignore_index
     a = _remap_ids(torch.where(active, inp.target, torch.zeros_like(inp.target)), mask_id).long()
     a = a.clamp(0, v - 1)
     lse = torch.logsumexp(z, dim=1)
@@ -73,9 +109,9 @@ def _row_losses(inp: _checks.LossInputs, *, divergence, objective, mask_id, temp
     logp = z - lse[:, None]
 
     def exp_(x):
-        return _clamped_exp(x, max_log_ratio)
+        return _clamped_exp(x, options.max_log_ratio)
 
-    if inp.kind == "data":  # SPEC 4.1
+    if inp.kind == "data":  # math.md 4.1
         kl = lse - z_a
         is_ = (exp_(lse - z_a) + z.sum(1) - v * lse) / v
         return {"kl": kl, "is": is_, "gkl": kl + is_}[divergence]
@@ -84,39 +120,42 @@ def _row_losses(inp: _checks.LossInputs, *, divergence, objective, mask_id, temp
         u = _drop_column(inp.teacher_logits.to(ct), mask_id) / temperature
         logq = u - torch.logsumexp(u, dim=1, keepdim=True)
         kl = _teacher_kl(logq, logp)
-        if objective == "distrib":  # SPEC 4.2
+        if options.objective == "distrib":  # math.md 4.2
             log_ratio = logq - logp  # log(q / p)
             is_ = (exp_(log_ratio) - log_ratio - 1).sum(1) / v
             return {"kl": kl, "is": is_, "gkl": kl + is_}[divergence]
         logq_a = logq.gather(1, a[:, None])[:, 0]
         logp_a = logp.gather(1, a[:, None])[:, 0]
-        if divergence == "gkl":  # SPEC 4.3: (1/V) GKL(q/q_a, p/p_a)
+        if divergence == "gkl":  # math.md 4.3: (1/V) GKL(q/q_a, p/p_a)
             return ((kl - logq_a + logp_a) * exp_(-logq_a) - exp_(-logq_a) + exp_(-logp_a)) / v
-        # SPEC 4.3, is: r_y = log(A_y / B_y) = (log q_y - log q_a) - (z_y - z_a)
+        # math.md 4.3, is: r_y = log(A_y / B_y) = (log q_y - log q_a) - (z_y - z_a)
         r = (logq - logq_a[:, None]) - (z - z_a[:, None])
         return (exp_(r) - r - 1).sum(1) / v
 
-    # SPEC 4.4: sparse top-K teacher, score objective.
     idx = inp.topk_indices.long()
-    rho = inp.topk_log_ratios.to(ct)
-    counted = idx != inp.target[:, None]
-    if mask_id is not None:
-        counted &= idx != mask_id
-    idx = _remap_ids(idx, mask_id).clamp(0, v - 1)
-    log_b = z.gather(1, idx) - z_a[:, None]  # log B_y = z_y - z_a
+    values = inp.topk_values.to(ct)
+    counted = torch.ones_like(idx, dtype=torch.bool) if mask_id is None else idx != mask_id
+    remapped = _remap_ids(idx, mask_id).clamp(0, v - 1)
+    if options.objective == "distrib":
+        return _topk_distrib_losses(z, lse, remapped, counted, values, divergence, options.tail,
+                                    exp_)
+    # math.md 4.4: sparse top-K teacher, score objective; entries equal to a are skipped.
+    rho = values
+    counted &= idx != inp.target[:, None]
+    log_b = z.gather(1, remapped) - z_a[:, None]  # log B_y = z_y - z_a
     if divergence == "is":
         r = rho - log_b
         return torch.where(counted, exp_(r) - r - 1, 0).sum(1) / v
     big_a = exp_(rho)
     cross = torch.where(counted, big_a * (rho - log_b) - big_a, 0).sum(1)
-    if tail == "zero":  # sum_{y != a} B_y = exp(LSE - z_a) - 1
+    if options.tail == "zero":  # sum_{y != a} B_y = exp(LSE - z_a) - 1
         return (cross + exp_(lse - z_a) - 1) / v
     return (cross + torch.where(counted, exp_(log_b), 0).sum(1)) / v
 
 
 def _reduce_rows(row_loss: torch.Tensor, target: torch.Tensor, reduction: str, ignore_index: int,
                 normalizer, batch_shape) -> torch.Tensor:
-    """SPEC 5 reductions of weighted per-row losses (ignored rows already zero)."""
+    """math.md 5 reductions of weighted per-row losses (ignored rows already zero)."""
     if reduction == "none":
         return row_loss.reshape(batch_shape)
     total = row_loss.sum()
@@ -132,40 +171,37 @@ def tcsm_loss(logits, target, *, teacher_logits=None, teacher_topk=None, diverge
               objective="distrib", weight=None, mask_id=None, temperature=1.0, reduction="mean",
               ignore_index=-100, normalizer=None, tail="zero", max_log_ratio=30.0,
               inplace_backward=False, backend="reference", check=None) -> torch.Tensor:
-    """TCSM loss of SPEC 4-5 on logits (..., V); same signature as ``fused_tcsm_loss``.
+    """TCSM loss (docs/math.md 4-5) on logits (..., V); same signature as ``fused_tcsm_loss``.
 
     ``inplace_backward`` and ``backend`` are accepted so the two functions can be swapped; the
     reference has no in-place gradient and is its own backend. Returns float32 (float64 for
     float64 logits): a scalar, or per-row losses (...) for ``reduction="none"``.
     """
-    inp = _checks.loss_inputs(
-        logits, target, teacher_logits=teacher_logits, teacher_topk=teacher_topk,
-        divergence=divergence, objective=objective, weight=weight, mask_id=mask_id,
-        temperature=temperature, reduction=reduction, ignore_index=ignore_index,
-        normalizer=normalizer, tail=tail, max_log_ratio=max_log_ratio, backend=backend,
-        check=check)
-    return loss_from_inputs(inp, divergence=divergence, objective=objective, mask_id=mask_id,
-                            temperature=temperature, reduction=reduction,
-                            ignore_index=ignore_index, normalizer=normalizer, tail=tail,
-                            max_log_ratio=max_log_ratio, check=check)
+    options = LossOptions(divergence=divergence, objective=objective, mask_id=mask_id,
+                          temperature=temperature, reduction=reduction,
+                          ignore_index=ignore_index, tail=tail, max_log_ratio=max_log_ratio,
+                          inplace_backward=inplace_backward, backend=backend, check=check)
+    inp = _checks.loss_inputs(logits, target, teacher_logits=teacher_logits,
+                              teacher_topk=teacher_topk, weight=weight, normalizer=normalizer,
+                              options=options)
+    return loss_from_inputs(inp, options, normalizer)
 
 
-def loss_from_inputs(inp: _checks.LossInputs, *, divergence, objective, mask_id, temperature,
-                     reduction, ignore_index, normalizer, tail, max_log_ratio, check):
+def loss_from_inputs(inp: _checks.LossInputs, options: LossOptions, normalizer=None):
     """``tcsm_loss`` on inputs already validated and flattened by ``_checks.loss_inputs``."""
-    rows = _row_losses(inp, divergence=divergence, objective=objective, mask_id=mask_id,
-                       temperature=float(temperature), ignore_index=ignore_index, tail=tail,
-                       max_log_ratio=float(max_log_ratio))
-    active = inp.target != ignore_index
+    rows = _row_losses(inp, options)
+    active = inp.target != options.ignore_index
     _checks.finite_rows(torch.where(active, rows, 0),
-                        (("logits", inp.logits), ("teacher_logits", inp.teacher_logits)),
-                        _checks.resolve_check(check, inp.logits.device))
+                        (("logits", inp.logits), ("teacher_logits", inp.teacher_logits),
+                         ("teacher_topk values", inp.topk_values)),
+                        _checks.resolve_check(options.check, inp.logits.device))
     scale = active.to(rows.dtype)
     if inp.weight is not None:
         scale = scale * inp.weight.to(rows.dtype)
     # where (not a product) so that an inf placeholder on an ignored row cannot leak a NaN
     row_loss = torch.where(scale != 0, rows * scale, torch.zeros_like(rows))
-    return _reduce_rows(row_loss, inp.target, reduction, ignore_index, normalizer, inp.batch_shape)
+    return _reduce_rows(row_loss, inp.target, options.reduction, options.ignore_index,
+                        normalizer, inp.batch_shape)
 
 
 def topk_concrete_scores(teacher_logits, target, k, *, temperature=1.0, correction=None,

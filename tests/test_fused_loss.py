@@ -61,7 +61,8 @@ def test_agrees_with_reference(backend, config, mask_id, reduction, request):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("config", [dict(divergence="kl"),
                                     dict(divergence="gkl", teacher="dense"),
-                                    dict(divergence="gkl", teacher="sparse")], ids=str)
+                                    dict(divergence="gkl", objective="score", teacher="sparse"),
+                                    dict(divergence="gkl", teacher="topk")], ids=str)
 def test_low_precision_error_no_worse_than_eager(backend, dtype, config, request):
     """CCE's criterion: against a float64 truth on the same rounded inputs, the fused error is
     no larger than the eager float32 reference's own error plus a small slack."""
@@ -85,9 +86,14 @@ def test_low_precision_error_no_worse_than_eager(backend, dtype, config, request
     grad_err = (got_grad.cpu().double() - truth_grad).abs().max()
     eager_err = (eager_grad.double() - truth_grad).abs().max()
     # The Triton interpreter casts float32 -> bfloat16 by truncation where compiled Triton
-    # rounds to nearest, which can double the rounding error: one more ulp of slack there.
-    interpreted_bf16 = backend == "triton" and dtype == torch.bfloat16 and device == "cpu"
-    assert grad_err <= (2.5 if interpreted_bf16 else 1.5) * eager_err + 1e-7
+    # rounds to nearest: an entry may then be off by up to one ulp of its own value, which can
+    # exceed the eager maximum (taken at another entry) by more than twice.
+    if backend == "triton" and dtype == torch.bfloat16 and device == "cpu":
+        ulp = torch.finfo(dtype).eps * truth_grad.abs()
+        assert bool(((got_grad.cpu().double() - truth_grad).abs()
+                     <= ulp + 1.5 * eager_err + 1e-7).all())
+    else:
+        assert grad_err <= 1.5 * eager_err + 1e-7
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -108,7 +114,8 @@ def test_sizes(backend, v, n, request):
 def test_large_vocab(backend, request):
     device = device_for(backend, request)
     for config in (dict(divergence="kl"), dict(divergence="gkl", teacher="dense"),
-                   dict(divergence="gkl", teacher="sparse")):
+                   dict(divergence="gkl", objective="score", teacher="sparse"),
+                   dict(divergence="gkl", teacher="topk")):
         z, target, kw = make_case(config, n=2, v=50258, k=64, seed=1)
         want_loss, want_grad = run(reference.tcsm_loss, z.double(), target, kw)
         got_loss, got_grad = run(fused_tcsm_loss, z.to(device), target.to(device),

@@ -13,6 +13,8 @@ import torch
 import tcsm_kernels  # noqa: F401  (loads the extension that registers tcsm::*)
 from tcsm_kernels import _backend, reference
 
+from ._topk_cases import topk_distribution
+
 pytestmark = pytest.mark.skipif(
     not _backend.cpp_available(),
     reason="C++ extension tcsm_kernels._C is not built (python setup.py build_ext --inplace)")
@@ -25,6 +27,8 @@ CONFIGS = (
     + [("dense", d, "distrib", "zero") for d in ("kl", "is", "gkl")]
     + [("dense", d, "score", "zero") for d in ("is", "gkl")]
     + [("sparse", d, "score", t) for d in ("is", "gkl") for t in ("zero", "ignore")]
+    + [("topk", d, "distrib", "zero") for d in ("kl", "is", "gkl")]
+    + [("topk", "kl", "distrib", "renormalize")]
 )
 
 
@@ -53,6 +57,8 @@ def make_case(kind, n, v, mask_id, dtype=torch.float32, scale=3.0, k=6, seed=0):
                 idx[1::3, 1] = mask_id
             idx[::4, 2] = idx[::4, 1]  # duplicates each count
         case["topk"] = (idx, torch.randn(n, k, generator=gen, dtype=torch.float32) * 2)
+    if kind == "topk":
+        case["topk"] = topk_distribution(logits.float(), k, mask_id, gen)
     return case
 
 
@@ -63,7 +69,7 @@ def run_kernel(case, divergence, objective, tail, mask_id=None, temperature=1.0,
     idx, ratios = case["topk"] if case["topk"] is not None else (None, None)
     loss = torch.ops.tcsm.tcsm_loss_cpu(
         logits, case["target"], case["weight"], case["teacher"], idx, ratios, grad, divergence,
-        objective, -1 if mask_id is None else mask_id, temperature, IGNORE, tail, max_log_ratio)
+        objective, tail, -1 if mask_id is None else mask_id, temperature, IGNORE, max_log_ratio)
     return loss, grad
 
 
@@ -282,7 +288,7 @@ def test_bad_ids_give_nan_row_and_zero_gradient(config):
     case["target"][:] = torch.tensor([v, -5, mask_id, 3, 4, 1 << 40, 6, 8])
     case["weight"] = torch.ones(8)
     bad = [0, 1, 2, 5]
-    if kind == "sparse":
+    if kind in ("sparse", "topk"):
         case["topk"][0][3, 1] = v
         case["topk"][0][4, 0] = -1
         bad += [3, 4]
@@ -292,7 +298,7 @@ def test_bad_ids_give_nan_row_and_zero_gradient(config):
     assert bool((grad[bad] == 0).all())
     good_case = {key: (value[good] if isinstance(value, torch.Tensor) else value)
                  for key, value in case.items()}
-    if kind == "sparse":
+    if kind in ("sparse", "topk"):
         good_case["topk"] = tuple(t[good] for t in case["topk"])
     options = dict(divergence=divergence, objective=objective, tail=tail, mask_id=mask_id)
     assert_float32_close(good_case, loss[good], grad[good], run_reference(good_case, **options),

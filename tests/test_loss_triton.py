@@ -8,13 +8,15 @@ the eager reference's own error (float32 math on those inputs) plus a small slac
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import pytest
 import torch
 
-from tcsm_kernels import reference
+from tcsm_kernels import LossOptions, reference
+
+from ._topk_cases import topk_distribution
 
 loss_kernels = pytest.importorskip("tcsm_kernels.triton.loss")
 
@@ -32,6 +34,8 @@ COMBOS = (
     + [("dense", d, "distrib", "zero") for d in ("kl", "is", "gkl")]
     + [("dense", d, "score", "zero") for d in ("is", "gkl")]
     + [("sparse", d, "score", t) for d in ("is", "gkl") for t in ("zero", "ignore")]
+    + [("topk", d, "distrib", "zero") for d in ("kl", "is", "gkl")]
+    + [("topk", "kl", "distrib", "renormalize")]
 )
 COMBO_IDS = ["-".join(c) for c in COMBOS]
 
@@ -53,7 +57,7 @@ class Case:
     weight: Optional[torch.Tensor]
     teacher: Optional[torch.Tensor] = None
     topk_indices: Optional[torch.Tensor] = None
-    topk_log_ratios: Optional[torch.Tensor] = None
+    topk_values: Optional[torch.Tensor] = None
 
 
 def make_case(combo, n, v, mask_id=None, dtype=torch.float32, scale=2.0, weighted=True, k=6,
@@ -84,7 +88,9 @@ def make_case(combo, n, v, mask_id=None, dtype=torch.float32, scale=2.0, weighte
         if mask_id is not None and k >= 4:
             idx[:, 2] = mask_id
         case.topk_indices = idx
-        case.topk_log_ratios = torch.randn(n, k, generator=gen) * scale
+        case.topk_values = torch.randn(n, k, generator=gen) * scale
+    if kind == "topk":
+        case.topk_indices, case.topk_values = topk_distribution(logits, k, mask_id, gen)
     return case
 
 
@@ -94,7 +100,7 @@ def run_reference(case: Case, float64: bool):
     teacher = case.teacher
     topk = None
     if case.topk_indices is not None:
-        topk = (case.topk_indices, case.topk_log_ratios)
+        topk = (case.topk_indices, case.topk_values)
     if float64:
         teacher = None if teacher is None else teacher.double()
         topk = None if topk is None else (topk[0], topk[1].double())
@@ -108,6 +114,12 @@ def run_reference(case: Case, float64: bool):
     return loss.detach(), logits.grad
 
 
+def options(case: Case) -> LossOptions:
+    return LossOptions(divergence=case.divergence, objective=case.objective, tail=case.tail,
+                       mask_id=case.mask_id, temperature=TEMPERATURE, ignore_index=IGNORE,
+                       max_log_ratio=MAX_LOG_RATIO)
+
+
 def run_kernel(case: Case, device: str, inplace: bool = False):
     """(row losses, gradient) of tcsm_loss_rows on `device`, returned on the CPU."""
     def dev(t):
@@ -117,9 +129,7 @@ def run_kernel(case: Case, device: str, inplace: bool = False):
     grad = logits if inplace else torch.full_like(logits, float("nan"))
     loss = loss_kernels.tcsm_loss_rows(
         logits, dev(case.target), dev(case.weight), dev(case.teacher), dev(case.topk_indices),
-        dev(case.topk_log_ratios), grad, case.divergence, case.objective,
-        -1 if case.mask_id is None else case.mask_id, TEMPERATURE, IGNORE, case.tail,
-        MAX_LOG_RATIO)
+        dev(case.topk_values), grad, options(case))
     return loss.cpu(), grad.cpu()
 
 
@@ -256,11 +266,11 @@ def test_strided_rows_and_broadcast_weight(triton_device, combo):
         k = case.topk_indices.shape[1]
         idx = torch.zeros(n, 2 * k, dtype=torch.int64, device=triton_device)[:, ::2]
         idx.copy_(case.topk_indices)
-        ratios = padded(case.topk_log_ratios, 1)
+        ratios = padded(case.topk_values, 1)
     assert logits.stride(0) == v + 5 and target.stride(0) == 2 and grad.stride(0) == v + 9
     loss = loss_kernels.tcsm_loss_rows(
         logits, target, case.weight.to(triton_device), teacher, idx, ratios, grad,
-        case.divergence, case.objective, 7, TEMPERATURE, IGNORE, case.tail, MAX_LOG_RATIO)
+        replace(options(case), mask_id=7))
     assert_no_worse(loss.cpu(), eager_loss, truth_loss, SLACK[torch.float32], "loss")
     assert_no_worse(grad.cpu(), eager_grad, truth_grad, SLACK[torch.float32], "grad")
     outside = grad_buffer.cpu().clone()

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from tcsm_kernels import reference
 
+from ._topk_cases import topk_distribution
+
 
 
 @pytest.fixture(autouse=True)
@@ -105,10 +107,12 @@ def test_sparse_matches_explicit_ratio_vectors(row, tail):
     else:
         s = idx[counted]
         expected = gkl(big_a[s], b[s]) / v
-    got = one_row(z, teacher_topk=(idx[None], rho[None]), divergence="gkl", tail=tail, a=a)
+    got = one_row(z, teacher_topk=(idx[None], rho[None]), divergence="gkl", objective="score",
+                  tail=tail, a=a)
     assert torch.allclose(got, expected)
     s = idx[counted]
-    got_is = one_row(z, teacher_topk=(idx[None], rho[None]), divergence="is", a=a)
+    got_is = one_row(z, teacher_topk=(idx[None], rho[None]), divergence="is", objective="score",
+                     a=a)
     assert torch.allclose(got_is, itakura_saito(big_a[s], b[s]) / v)
 
 
@@ -140,9 +144,13 @@ CONFIGS = [
 ] + [
     dict(divergence=d, objective="score", teacher="dense") for d in ("is", "gkl")
 ] + [
-    dict(divergence="gkl", teacher="sparse", tail="zero"),
-    dict(divergence="gkl", teacher="sparse", tail="ignore"),
-    dict(divergence="is", teacher="sparse"),
+    dict(divergence="gkl", objective="score", teacher="sparse", tail="zero"),
+    dict(divergence="gkl", objective="score", teacher="sparse", tail="ignore"),
+    dict(divergence="is", objective="score", teacher="sparse"),
+] + [
+    dict(divergence=d, teacher="topk", tail="zero") for d in ("kl", "is", "gkl")
+] + [
+    dict(divergence="kl", teacher="topk", tail="renormalize"),
 ]
 
 
@@ -158,6 +166,9 @@ def make_case(config, n=5, v=7, k=3, seed=0, mask_id=None):
     elif config.get("teacher") == "sparse":
         idx = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
         kw["teacher_topk"] = (idx, torch.randn(n, k, generator=g))
+    elif config.get("teacher") == "topk":
+        idx, log_q = topk_distribution(z, k, mask_id, g)
+        kw["teacher_topk"] = (idx, log_q.to(z.dtype))
     return z, target, kw
 
 
@@ -275,6 +286,12 @@ def test_teacher_losses_are_nonnegative_and_zero_at_the_target(case, config):
     assert (reference.tcsm_loss(z, target, reduction="none", **kw) >= -1e-12).all()
     if config.get("teacher") == "dense":
         kw["teacher_logits"] = z.clone()
+    elif config.get("teacher") == "topk":
+        # the model's own probabilities on S; renormalize is 0 only when S holds all of p
+        idx = kw["teacher_topk"][0]
+        if config["tail"] == "renormalize":
+            idx = torch.arange(v).expand(3, v)
+        kw["teacher_topk"] = (idx, torch.log_softmax(z, 1).gather(1, idx))
     else:  # the model's own ratios on the top-K set; tail 'zero' needs S = all of V
         if config.get("tail", "zero") == "zero" and config["divergence"] == "gkl":
             idx = torch.arange(v).expand(3, v)
@@ -321,7 +338,8 @@ def test_topk_feeds_the_sparse_loss():
     z, u = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
     a = torch.randint(0, 6, (4,), generator=g)
     idx, lr, _ = reference.topk_concrete_scores(u, a, 6)
-    sparse = reference.tcsm_loss(z, a, teacher_topk=(idx, lr), divergence="gkl")
+    sparse = reference.tcsm_loss(z, a, teacher_topk=(idx, lr), divergence="gkl",
+                                 objective="score")
     dense = reference.tcsm_loss(z, a, teacher_logits=u, divergence="gkl", objective="score")
     assert torch.allclose(sparse, dense)
 

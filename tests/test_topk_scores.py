@@ -280,9 +280,10 @@ def test_feeds_fused_topk_loss(backend):
     logits = torch.randn(rows, vocab, generator=g, requires_grad=True)
     target = torch.randint(0, vocab, (rows,), generator=g)
     indices, log_ratios, _ = run(backend, u, target, k)
-    loss = fused_tcsm_loss(logits, target, teacher_topk=(indices, log_ratios), divergence="gkl")
+    loss = fused_tcsm_loss(logits, target, teacher_topk=(indices, log_ratios), divergence="gkl",
+                           objective="score")
     expected = reference.tcsm_loss(logits, target, teacher_topk=(indices, log_ratios),
-                                   divergence="gkl")
+                                   divergence="gkl", objective="score")
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     loss.backward()
     assert torch.isfinite(logits.grad).all()

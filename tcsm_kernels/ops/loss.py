@@ -7,48 +7,52 @@ upstream gradient. Saved state beyond that buffer is O(N); there is no host sync
 """
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .. import _backend, _checks, reference
+from ..loss_options import LossOptions
 
 
-def _run_kernel(logits, target, weight, teacher_logits, topk_indices, topk_log_ratios, grad,
-                divergence, objective, mask_id, temperature, ignore_index, tail, max_log_ratio,
-                backend):
+def _run_kernel(logits, target, weight, teacher_logits, topk_indices, topk_values, grad,
+                options: LossOptions, backend: str) -> torch.Tensor:
     """Weighted row losses (N,) float32; writes weight_i * d row_loss_i / d logits into grad."""
-    args = (logits, target, weight, teacher_logits, topk_indices, topk_log_ratios, grad,
-            divergence, objective, mask_id, temperature, ignore_index, tail, max_log_ratio)
+    tensors = (logits, target, weight, teacher_logits, topk_indices, topk_values, grad)
     if backend == "cpp":
-        return torch.ops.tcsm.tcsm_loss_cpu(*args)
+        return torch.ops.tcsm.tcsm_loss_cpu(*tensors, *options.op_args(backend)[:-1])
     from ..triton.loss import tcsm_loss_rows
-    return tcsm_loss_rows(*args)
+    return tcsm_loss_rows(*tensors, options)
 
 
 @torch.library.custom_op("tcsm::tcsm_loss_rows", mutates_args=("grad",))
 def _loss_rows(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                teacher_logits: Optional[torch.Tensor], topk_indices: Optional[torch.Tensor],
-               topk_log_ratios: Optional[torch.Tensor], grad: torch.Tensor, divergence: str,
-               objective: str, mask_id: int, temperature: float, ignore_index: int, tail: str,
+               topk_values: Optional[torch.Tensor], grad: torch.Tensor, divergence: str,
+               objective: str, tail: str, mask_id: int, temperature: float, ignore_index: int,
                max_log_ratio: float, backend: str) -> torch.Tensor:
-    return _run_kernel(logits, target, weight, teacher_logits, topk_indices, topk_log_ratios,
-                       grad, divergence, objective, mask_id, temperature, ignore_index, tail,
-                       max_log_ratio, backend)
+    """The options arrive flattened by ``LossOptions.op_args`` (a custom op takes no object)."""
+    options = LossOptions.from_op_args(divergence, objective, tail, mask_id, temperature,
+                                       ignore_index, max_log_ratio, backend)
+    return _run_kernel(logits, target, weight, teacher_logits, topk_indices, topk_values, grad,
+                       options, backend)
 
 
 @torch.library.custom_op("tcsm::tcsm_loss_rows_inplace", mutates_args=("logits",))
 def _loss_rows_inplace(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                        teacher_logits: Optional[torch.Tensor],
-                       topk_indices: Optional[torch.Tensor],
-                       topk_log_ratios: Optional[torch.Tensor], divergence: str, objective: str,
-                       mask_id: int, temperature: float, ignore_index: int, tail: str,
-                       max_log_ratio: float, backend: str) -> torch.Tensor:
+                       topk_indices: Optional[torch.Tensor], topk_values: Optional[torch.Tensor],
+                       divergence: str, objective: str, tail: str, mask_id: int,
+                       temperature: float, ignore_index: int, max_log_ratio: float,
+                       backend: str) -> torch.Tensor:
     """As tcsm_loss_rows, with the gradient written over the logits themselves."""
-    return _run_kernel(logits, target, weight, teacher_logits, topk_indices, topk_log_ratios,
-                       logits, divergence, objective, mask_id, temperature, ignore_index, tail,
-                       max_log_ratio, backend)
+    options = LossOptions.from_op_args(divergence, objective, tail, mask_id, temperature,
+                                       ignore_index, max_log_ratio, backend)
+    return _run_kernel(logits, target, weight, teacher_logits, topk_indices, topk_values, logits,
+                       options, backend)
 
 
 @_loss_rows.register_fake
@@ -87,17 +91,17 @@ class _FusedTCSMLoss(torch.autograd.Function):
     """Row losses (N,) from logits (N, V); backward = kept gradient * per-row upstream grad."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, teacher_logits, topk_indices, topk_log_ratios,
-                options, inplace):
+    def forward(ctx, logits, target, weight, teacher_logits, topk_indices, topk_values,
+                op_args, inplace):
         if inplace:
             rows = torch.ops.tcsm.tcsm_loss_rows_inplace(
-                logits, target, weight, teacher_logits, topk_indices, topk_log_ratios, *options)
+                logits, target, weight, teacher_logits, topk_indices, topk_values, *op_args)
             grad = logits
         else:
             grad = _gradient_buffer(logits)
             rows = torch.ops.tcsm.tcsm_loss_rows(
-                logits, target, weight, teacher_logits, topk_indices, topk_log_ratios, grad,
-                *options)
+                logits, target, weight, teacher_logits, topk_indices, topk_values, grad,
+                *op_args)
         ctx.save_for_backward(grad)
         return rows
 
@@ -115,91 +119,121 @@ class _FusedTCSMLoss(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
-def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """(N, V) with unit column stride, as the kernels read it."""
-    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
-
-
-def fused_tcsm_loss(logits, target, *, teacher_logits=None, teacher_topk=None, divergence="kl",
-                    objective="distrib", weight=None, mask_id=None, temperature=1.0,
-                    reduction="mean", ignore_index=-100, normalizer=None, tail="zero",
-                    max_log_ratio=30.0, inplace_backward=False, backend="auto", check=None):
-    """TCSM loss (SPEC 4-5) of logits (..., V) against clean tokens target (...), fused.
-
-    Targets: data (default), a dense teacher ``teacher_logits`` (..., V) (constant: no gradient
-    flows to it; cast to the logits' dtype) with ``objective`` "distrib" or "score", or a
-    top-K teacher ``teacher_topk = (indices (..., K), log_ratios (..., K))`` (score objective,
-    ``tail`` "zero" or "ignore"). ``divergence``: "kl" (cross-entropy), "is", "gkl" (= kl + is).
-    ``weight`` (...) or broadcastable (e.g. (B, 1)); rows with target == ignore_index give 0.
-    ``mask_id`` is excluded from the model (and teacher) distribution. ``reduction``: "none"
-    (per-row float32), "sum", "mean" (over non-ignored rows, or / ``normalizer``).
-    ``inplace_backward=True`` overwrites the logits with their gradient during the forward (the
-    logits must not be used afterwards; saves an (N, V) buffer). ``check`` (default: on for CPU
-    tensors, off on CUDA and under torch.compile) validates ids in range (O(N)) and raises on
-    NaN/+inf logits of loss-carrying rows (read from the (N,) losses: no extra pass over V).
-    ``backend``: "auto" (C++ on CPU, Triton on CUDA, reference for float64), "cpp",
-    "triton", "reference". Returns float32.
-    """
-    inp = _checks.loss_inputs(
-        logits, target, teacher_logits=teacher_logits, teacher_topk=teacher_topk,
-        divergence=divergence, objective=objective, weight=weight, mask_id=mask_id,
-        temperature=temperature, reduction=reduction, ignore_index=ignore_index,
-        normalizer=normalizer, tail=tail, max_log_ratio=max_log_ratio, backend=backend,
-        check=check)
-    chosen = _backend.resolve(backend, logits.device, logits.dtype)
-    if chosen == "reference":
-        return reference.loss_from_inputs(
-            inp, divergence=divergence, objective=objective, mask_id=mask_id,
-            temperature=temperature, reduction=reduction, ignore_index=ignore_index,
-            normalizer=normalizer, tail=tail, max_log_ratio=max_log_ratio, check=check)
-    flat_logits = _as_rows(inp.logits)
-    teacher = inp.teacher_logits
-    if teacher is not None:
-        teacher = _as_rows(teacher.to(flat_logits.dtype))
-    topk_indices = topk_log_ratios = None
-    if inp.topk_indices is not None:
-        topk_indices = inp.topk_indices.to(torch.int64).contiguous()
-        topk_log_ratios = inp.topk_log_ratios.to(torch.float32).contiguous()
-    # The reduction's scale is folded into the row weights, so the kernel's gradient is already
-    # d loss / d z and backward has nothing left to do for a unit upstream gradient.
+def _row_weights(inp: _checks.LossInputs, options: LossOptions, normalizer) -> Optional[torch.Tensor]:
+    """(N,) float32 row weights with the reduction's scale folded in, so the kernel's gradient
+    is already d loss / d z and backward has nothing left to do for a unit upstream gradient."""
     weight_rows = None if inp.weight is None else inp.weight.to(torch.float32)
-    if reduction == "mean":
+    if options.reduction == "mean":
         denominator = normalizer
         if denominator is None:
-            denominator = (inp.target != ignore_index).sum().clamp(min=1).to(torch.float32)
+            active = inp.target != options.ignore_index
+            denominator = active.sum().clamp(min=1).to(torch.float32)
         if weight_rows is None:
-            weight_rows = torch.ones(inp.target.shape, dtype=torch.float32, device=logits.device)
+            weight_rows = torch.ones(inp.target.shape, dtype=torch.float32,
+                                     device=inp.logits.device)
         weight_rows = weight_rows / denominator
-    if weight_rows is not None:
-        weight_rows = weight_rows.contiguous()
-    options = (divergence, objective, -1 if mask_id is None else mask_id, float(temperature),
-               ignore_index, tail, float(max_log_ratio), chosen)
-    rows = _FusedTCSMLoss.apply(flat_logits, inp.target.to(torch.int64).contiguous(),
-                                weight_rows, teacher, topk_indices, topk_log_ratios, options,
-                                bool(inplace_backward))
-    _checks.finite_rows(rows, (("logits", inp.logits), ("teacher_logits", inp.teacher_logits)),
+    return None if weight_rows is None else weight_rows.contiguous()
+
+
+def fused_rows(inp: _checks.LossInputs, options: LossOptions, backend: str,
+               normalizer=None) -> torch.Tensor:
+    """The weighted row losses (N,) float32 of validated inputs on a fused backend,
+    differentiable in ``inp.logits`` (the gradient is computed here and kept)."""
+    flat_logits = _checks.unit_column_stride(inp.logits)
+    teacher = inp.teacher_logits
+    if teacher is not None:
+        teacher = _checks.unit_column_stride(teacher.to(flat_logits.dtype))
+    topk_indices = topk_values = None
+    if inp.topk_indices is not None:
+        topk_indices = inp.topk_indices.to(torch.int64).contiguous()
+        topk_values = inp.topk_values.to(torch.float32).contiguous()
+    return _FusedTCSMLoss.apply(flat_logits, inp.target.to(torch.int64).contiguous(),
+                                _row_weights(inp, options, normalizer), teacher, topk_indices,
+                                topk_values, options.op_args(backend), options.inplace_backward)
+
+
+def _refuse_inplace_on_leaf(logits: torch.Tensor, options: LossOptions) -> None:
+    if options.inplace_backward and logits.is_leaf and logits.requires_grad:
+        raise RuntimeError("inplace_backward=True would overwrite logits, a leaf tensor that "
+                           "requires grad (as torch refuses in-place ops on such leaves); pass "
+                           "the logits as an activation (the output of the LM head) or use "
+                           "inplace_backward=False")
+
+
+def fused_tcsm_loss(logits: torch.Tensor, target: torch.Tensor, *,
+                    teacher_logits: Optional[torch.Tensor] = None,
+                    teacher_topk: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                    divergence: str = "kl", objective: str = "distrib",
+                    weight: Optional[torch.Tensor] = None, mask_id: Optional[int] = None,
+                    temperature: float = 1.0, reduction: str = "mean", ignore_index: int = -100,
+                    normalizer: Union[float, torch.Tensor, None] = None, tail: str = "zero",
+                    max_log_ratio: float = 30.0, inplace_backward: bool = False,
+                    backend: str = "auto", check: Optional[bool] = None) -> torch.Tensor:
+    """TCSM loss (docs/math.md 4-5) of logits (..., V) against clean tokens target (...), fused.
+
+    Targets (``tcsm_kernels.LOSS_CASES`` lists each with its divergences):
+    data (default); a dense teacher ``teacher_logits`` (..., V) (constant, cast to the logits'
+    dtype, divided by ``temperature``); or a top-K teacher ``teacher_topk = (indices (..., K),
+    values (..., K))``. ``objective="distrib"`` (default) fits the teacher's distribution: for a
+    top-K teacher the values are log-probabilities (``topk_log_probs``), ``tail="zero"`` keeps
+    the mass 1 - sum q off S as one cell, ``"renormalize"`` divides q by its sum on S.
+    ``objective="score"`` fits concrete-score ratios against the reference token ``target``
+    (top-K values are log-ratios, ``topk_concrete_scores``; tails "zero"/"ignore"): unbiased
+    only where ``target`` is drawn from the teacher. ``divergence``: "kl" (cross-entropy),
+    "is", "gkl" (= kl + is). The data-target is/gkl values are Monte-Carlo estimates with the
+    constant dropped and can be negative; their gradients are unbiased.
+    ``weight`` (...) or broadcastable (e.g. (B, 1)) is a PER-ROW weight (not torch's per-class
+    ``weight=``); rows with target == ignore_index give 0. ``mask_id`` is excluded from the
+    model (and teacher) distribution. ``reduction``: "none" (per-row float32), "sum", "mean" =
+    sum / (number of non-ignored rows), whatever the weights (MDLM-style weight=is_masked thus
+    divides by all rows; pass ``normalizer`` for another denominator).
+    ``inplace_backward=True`` overwrites the logits with their gradient during the forward (the
+    logits must not be used afterwards; saves an (N, V) buffer; refused on a leaf that requires
+    grad). ``check`` (default: on for CPU tensors, off on CUDA and under torch.compile)
+    validates ids (O(N)) and top-K log-probabilities (O(N K)) and raises on NaN/+inf logits of
+    loss-carrying rows (read from the (N,) losses: no extra pass over V).
+    ``backend``: "auto" (C++ on CPU, Triton on CUDA, reference for float64), "cpp", "triton",
+    "reference". Returns float32.
+    """
+    options = LossOptions(divergence=divergence, objective=objective, mask_id=mask_id,
+                          temperature=temperature, reduction=reduction,
+                          ignore_index=ignore_index, tail=tail, max_log_ratio=max_log_ratio,
+                          inplace_backward=inplace_backward, backend=backend, check=check)
+    inp = _checks.loss_inputs(logits, target, teacher_logits=teacher_logits,
+                              teacher_topk=teacher_topk, weight=weight, normalizer=normalizer,
+                              options=options)
+    chosen = _backend.resolve(backend, logits.device, logits.dtype)
+    if chosen == "reference":
+        return reference.loss_from_inputs(inp, options, normalizer)
+    _refuse_inplace_on_leaf(logits, options)
+    rows = fused_rows(inp, options, chosen, normalizer)
+    _checks.finite_rows(rows, (("logits", inp.logits), ("teacher_logits", inp.teacher_logits),
+                               ("teacher_topk values", inp.topk_values)),
                         _checks.resolve_check(check, logits.device))
     return rows.reshape(inp.batch_shape) if reduction == "none" else rows.sum()
 
 
 class TCSMLoss(nn.Module):
-    """``fused_tcsm_loss`` with its options fixed at construction; forward(logits, target, ...)
-    takes the per-call tensors (teacher_logits, teacher_topk, weight, normalizer)."""
+    """``fused_tcsm_loss`` with its options fixed (and validated) at construction;
+    forward(logits, target, ...) takes the per-call tensors (teacher_logits, teacher_topk,
+    weight, normalizer)."""
 
     def __init__(self, *, divergence="kl", objective="distrib", mask_id=None, temperature=1.0,
                  reduction="mean", ignore_index=-100, tail="zero", max_log_ratio=30.0,
                  inplace_backward=False, backend="auto", check=None):
         super().__init__()
-        self.options = dict(divergence=divergence, objective=objective, mask_id=mask_id,
-                            temperature=temperature, reduction=reduction,
-                            ignore_index=ignore_index, tail=tail, max_log_ratio=max_log_ratio,
-                            inplace_backward=inplace_backward, backend=backend, check=check)
+        self.options = LossOptions(divergence=divergence, objective=objective, mask_id=mask_id,
+                                   temperature=temperature, reduction=reduction,
+                                   ignore_index=ignore_index, tail=tail,
+                                   max_log_ratio=max_log_ratio,
+                                   inplace_backward=inplace_backward, backend=backend,
+                                   check=check)
 
     def forward(self, logits, target, *, teacher_logits=None, teacher_topk=None, weight=None,
                 normalizer=None):
         return fused_tcsm_loss(logits, target, teacher_logits=teacher_logits,
                                teacher_topk=teacher_topk, weight=weight, normalizer=normalizer,
-                               **self.options)
+                               **dataclasses.asdict(self.options))
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.options).items())

@@ -5,7 +5,7 @@ and CUDA graphs see through it) dispatching to the C++ kernel (CPU) or the Trito
 or CPU under TRITON_INTERPRET=1)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -83,3 +83,40 @@ def topk_concrete_scores(teacher_logits: torch.Tensor, target: torch.Tensor, k: 
         log_ratios = log_ratios + picked.to(torch.float32)
     return (indices.reshape(batch_shape + (k,)), log_ratios.reshape(batch_shape + (k,)),
             lse.reshape(batch_shape))
+
+
+class TopKTarget(NamedTuple):
+    """A top-K teacher distribution: ``fused_tcsm_loss(teacher_topk=TopKTarget(...))`` with the
+    default ``objective="distrib"``. indices (..., K) int64, log_probs (..., K) float32."""
+
+    indices: torch.Tensor
+    log_probs: torch.Tensor
+
+
+def topk_log_probs(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0,
+                   backend: str = "auto", check: Optional[bool] = None) -> TopKTarget:
+    """The k most probable columns of q = softmax(teacher_logits / temperature) per row and
+    their log-probabilities log q_y = u_y / tau - LSE(u / tau) (docs/math.md 6), from one
+    streaming pass of the fused top-k op plus a gather of k logits per row.
+
+    teacher_logits (..., V) any float dtype. Feed the result to
+    ``fused_tcsm_loss(logits, x0, teacher_topk=topk_log_probs(u, 8))``.
+    """
+    _checks.tensor("teacher_logits", teacher_logits, _checks.FLOAT_DTYPES)
+    if teacher_logits.dim() < 1:
+        raise ValueError("teacher_logits must have shape (..., V)")
+    anchor = torch.zeros(teacher_logits.shape[:-1], dtype=torch.int64,
+                         device=teacher_logits.device)
+    indices, _, lse = topk_concrete_scores(teacher_logits, anchor, k, temperature=temperature,
+                                           backend=backend, check=False)
+    # Checked mode in O(N): a NaN or +inf logit, or a row of only -inf, makes its LSE
+    # non-finite; -inf entries (banned columns) are fine.
+    if _checks.resolve_check(check, teacher_logits.device) and lse.numel():
+        if not bool(torch.isfinite(lse).all()):
+            row = int((~torch.isfinite(lse.reshape(-1))).nonzero()[0, 0])
+            raise ValueError(f"teacher_logits row {row} holds NaN or +inf, or only -inf "
+                             "(pass check=False to skip this check)")
+    picked = teacher_logits.detach().gather(-1, indices)
+    compute = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
+    log_probs = picked.to(compute) / temperature - lse.to(compute)[..., None]
+    return TopKTarget(indices, log_probs)

@@ -79,7 +79,8 @@ class Distiller(Trainer):
         logits = self.model(x_t, batch.t.to(device))
         weight = None if batch.weight is None else batch.weight.to(device)
         loss = fused_tcsm_loss(logits, target, teacher_topk=(indices, log_ratios),
-                               divergence="gkl", weight=weight, mask_id=self.mask_id,
+                               divergence="gkl", objective="score", weight=weight,
+                               mask_id=self.mask_id,
                                normalizer=batch.normalizer, tail=options.tail)
         step_on_loss(self, loss)
 

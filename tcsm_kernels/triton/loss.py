@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..loss_options import LossOptions
+
 _KL = tl.constexpr(0)
 _IS = tl.constexpr(1)
 _GKL = tl.constexpr(2)
@@ -451,6 +453,178 @@ def _sparse_target_kernel(
     _store_row_loss(loss_ptr, row, row_loss / n_classes, weight, live, row_ok)
 
 
+# Below this student mass on S, 1 - P_S from the gathered p_y keeps all but a bit of its
+# precision; above it, the rest's mass comes from a pass of its own.
+_EXACT_REST_ABOVE = tl.constexpr(0.5)
+
+
+@triton.jit
+def _in_topk(cols_v, topk_idx_row, stride_idx_col, n_live_topk, mask_id, CHUNK_K: tl.constexpr):
+    """Whether each column of the block is one of the row's counted top-K columns."""
+    hit = tl.zeros(cols_v.shape, tl.int32)
+    for chunk in range(0, n_live_topk, CHUNK_K):
+        positions = chunk + tl.arange(0, CHUNK_K)
+        in_topk = positions < n_live_topk
+        cols = tl.load(topk_idx_row + positions * stride_idx_col, mask=in_topk, other=-1)
+        cols = tl.where(in_topk & (cols != mask_id), cols, -1).to(tl.int64)
+        hit += tl.sum((cols_v[:, None] == cols[None, :]).to(tl.int32), axis=1)
+    return hit > 0
+
+
+@triton.jit
+def _sparse_distrib_kernel(
+    logits_ptr, grad_ptr, target_ptr, weight_ptr, loss_ptr, topk_idx_ptr, topk_value_ptr,
+    stride_logits, stride_grad, stride_idx_row, stride_idx_col, stride_value_row,
+    stride_value_col, n_topk, stride_target, stride_weight, n_cols, n_classes, mask_id,
+    ignore_index, max_log_ratio,
+    DIVERGENCE: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_K: tl.constexpr,
+    REST_CHUNK_K: tl.constexpr,
+):
+    """Top-K teacher, distrib objective (docs/math.md 4.5): q_j = exp(value_j) on S.
+
+    renormalize (kl): q' = q / Q on S; grad p - q'. zero: cells S + {R}, q_R = max(0, 1 - Q),
+    p_R = 1 - P_S; grad off S = exp(z - LSE_R) (M p_R - q_R) for kl and
+    exp(z - LSE_R) (1/V)((1 - r_R) - p_R E) for is; on S M p_y - q_j and (1/V)((1 - r_j) - p_y E)
+    (M: the cells' q mass; E = sum_cells (1 - r), r = q / p clamped).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * stride_logits
+    grad_row = grad_ptr + row * stride_grad
+    topk_idx_row = topk_idx_ptr + row * stride_idx_row
+    topk_value_row = topk_value_ptr + row * stride_value_row
+    target, weight, live, target_ok = _row_setup(target_ptr, stride_target, weight_ptr,
+                                                 stride_weight, row, n_cols, mask_id,
+                                                 ignore_index, HAS_WEIGHT)
+    positions = tl.arange(0, BLOCK_K)
+    in_topk = positions < tl.where(live, n_topk, 0)
+    raw_cols = tl.load(topk_idx_row + positions * stride_idx_col, mask=in_topk, other=0)
+    bad_cols = in_topk & ((raw_cols < 0) | (raw_cols >= n_cols))
+    row_ok = live & target_ok & (tl.sum(bad_cols.to(tl.int32), axis=0) == 0)
+    n_live_cols = tl.where(row_ok, n_cols, 0)
+    n_live_topk = tl.where(row_ok, n_topk, 0)
+    in_topk = positions < n_live_topk
+    cols = tl.load(topk_idx_row + positions * stride_idx_col, mask=in_topk, other=0).to(tl.int64)
+    counted = in_topk & (cols != mask_id)
+    values = tl.load(topk_value_row + positions * stride_value_col, mask=counted,
+                     other=float("-inf")).to(tl.float32)
+    z_s = tl.load(logits_row + cols, mask=counted, other=0.0).to(tl.float32)
+
+    # Copies of a column (refused in checked mode) get one combined value, stored once.
+    earlier_copies = tl.zeros([BLOCK_K], tl.int32)
+    for chunk in range(0, n_live_topk, CHUNK_K):
+        chunk_positions = chunk + tl.arange(0, CHUNK_K)
+        chunk_in = chunk_positions < n_live_topk
+        chunk_cols = tl.load(topk_idx_row + chunk_positions * stride_idx_col, mask=chunk_in,
+                             other=-1).to(tl.int64)
+        same = ((cols[:, None] == chunk_cols[None, :]) & chunk_in[None, :]
+                & (chunk_positions[None, :] < positions[:, None]))
+        earlier_copies += tl.sum(same.to(tl.int32), axis=1)
+    first_copy = counted & (earlier_copies == 0)
+    n_distinct = tl.sum(first_copy.to(tl.int32), axis=0)
+
+    lse = _row_lse(logits_row, n_live_cols, n_cols, mask_id, BLOCK_V)
+    log_p = z_s - lse
+    if RENORMALIZE:
+        value_max = tl.max(values, axis=0)
+        log_q = values - (value_max + tl.log(tl.sum(tl.exp(values - value_max), axis=0)))
+    else:
+        log_q = values
+    q = tl.where(counted, tl.exp(log_q), 0.0)
+    mass = tl.sum(q, axis=0)
+
+    # The rest cell (tail zero).
+    rest_nonempty = n_distinct.to(tl.float32) < n_classes
+    log_p_rest = tl.full([], 0.0, tl.float32)
+    q_rest = tl.full([], 0.0, tl.float32)
+    log_q_rest = tl.full([], float("-inf"), tl.float32)
+    if not RENORMALIZE:
+        student_mass = tl.sum(tl.where(first_copy, tl.exp(log_p), 0.0), axis=0)
+        exact = rest_nonempty & (student_mass > _EXACT_REST_ABOVE)
+        rest_max = tl.full([], float("-inf"), tl.float32)
+        rest_sum = tl.full([], 0.0, tl.float32)
+        for start in range(0, tl.where(exact, n_cols, 0), BLOCK_V):
+            cols_v = start + tl.arange(0, BLOCK_V)
+            rest = ((cols_v < n_cols) & (cols_v != mask_id)
+                    & ~_in_topk(cols_v, topk_idx_row, stride_idx_col, n_live_topk, mask_id,
+                                REST_CHUNK_K))
+            z = tl.load(logits_row + cols_v, mask=rest, other=float("-inf")).to(tl.float32)
+            rest_max, rest_sum = _online_lse_step(rest_max, rest_sum, z)
+        log_p_rest = tl.where(exact, rest_max + tl.log(rest_sum) - lse,
+                              tl.log(tl.maximum(1.0 - student_mass, 0.0)))
+        log_p_rest = tl.where(rest_nonempty, log_p_rest, float("-inf"))
+        q_rest = tl.maximum(1.0 - mass, 0.0)
+        log_q_rest = tl.log(q_rest)
+    # The rest is a cell where the teacher has mass off S (renormalize: q_rest = 0, none).
+    rest_is_cell = rest_nonempty & (q_rest > 0.0)
+    total_mass = mass + tl.where(rest_is_cell, q_rest, 0.0)
+
+    # Loss, and the entries' per-column gradient terms.
+    kl = tl.sum(tl.where(q > 0.0, q * (log_q - log_p), 0.0), axis=0)
+    kl += tl.where(rest_is_cell, q_rest * (log_q_rest - log_p_rest), 0.0)
+    entry_terms = -q
+    row_is = tl.full([], 0.0, tl.float32)
+    cell_excess = tl.full([], 0.0, tl.float32)
+    r_rest = tl.full([], 0.0, tl.float32)
+    if DIVERGENCE != _KL:
+        log_r = log_q - log_p
+        r = _clamped_exp(log_r, max_log_ratio)
+        row_is = tl.sum(tl.where(counted, r - log_r - 1.0, 0.0), axis=0)
+        cell_excess = tl.sum(tl.where(counted, 1.0 - r, 0.0), axis=0)
+        log_r_rest = tl.where(rest_is_cell, log_q_rest - log_p_rest, 0.0)
+        r_rest = tl.where(rest_is_cell, _clamped_exp(log_r_rest, max_log_ratio), 0.0)
+        row_is += tl.where(rest_is_cell, r_rest - log_r_rest - 1.0, 0.0)
+        cell_excess += tl.where(rest_is_cell, 1.0 - r_rest, 0.0)
+        is_entry_terms = tl.where(counted, (1.0 - r) / n_classes, 0.0)
+        entry_terms = is_entry_terms if DIVERGENCE == _IS else entry_terms + is_entry_terms
+    entry_terms = tl.where(counted, entry_terms, 0.0)
+    combined_terms = tl.zeros([BLOCK_K], tl.float32)
+    for chunk in range(0, n_live_topk, CHUNK_K):
+        chunk_positions = chunk + tl.arange(0, CHUNK_K)
+        chunk_in = chunk_positions < n_live_topk
+        chunk_cols = tl.load(topk_idx_row + chunk_positions * stride_idx_col, mask=chunk_in,
+                             other=-1).to(tl.int64)
+        # the chunk's entry terms, by position: picked out of entry_terms with a one-hot sum
+        pick = positions[:, None] == chunk_positions[None, :]
+        chunk_terms = tl.sum(tl.where(pick, entry_terms[:, None], 0.0), axis=0)
+        same = (cols[:, None] == chunk_cols[None, :]) & chunk_in[None, :]
+        combined_terms += tl.sum(tl.where(same, chunk_terms[None, :], 0.0), axis=1)
+    p_s = tl.exp(log_p)
+    column_terms = tl.zeros([BLOCK_K], tl.float32)
+    if DIVERGENCE != _IS:
+        column_terms += total_mass * p_s
+    if DIVERGENCE != _KL:
+        column_terms -= p_s * cell_excess / n_classes
+    grad_at_s = column_terms + combined_terms
+
+    # Off S: renormalize p itself; zero exp(z - LSE_R) times the rest's coefficient.
+    p_rest = tl.exp(log_p_rest)
+    rest_coef = tl.full([], 0.0, tl.float32)
+    if DIVERGENCE != _IS:
+        rest_coef += total_mass * p_rest - q_rest
+    if DIVERGENCE != _KL:
+        rest_coef += (tl.where(rest_is_cell, 1.0 - r_rest, 0.0) - p_rest * cell_excess) / n_classes
+    rest_live = log_p_rest > float("-inf")
+    lse_rest = lse + tl.where(rest_live, log_p_rest, 0.0)
+    tl.debug_barrier()  # the entries' logits are read before the first store of the row
+    for start in range(0, n_cols, BLOCK_V):
+        cols_v = start + tl.arange(0, BLOCK_V)
+        in_row = cols_v < n_cols
+        participating = (cols_v < n_live_cols) & (cols_v != mask_id)
+        z = tl.load(logits_row + cols_v, mask=participating, other=0.0).to(tl.float32)
+        if RENORMALIZE:
+            grad = total_mass * tl.exp(z - lse)
+        else:
+            grad = tl.where(rest_live, rest_coef * tl.exp(z - lse_rest), 0.0)
+        grad = tl.where(participating, weight * grad, 0.0)
+        tl.store(grad_row + cols_v, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+    tl.debug_barrier()
+    out_dtype = grad_ptr.dtype.element_ty
+    tl.store(grad_row + cols, (weight * grad_at_s).to(out_dtype), mask=first_copy)
+    row_loss = _divergence_loss(kl, row_is / n_classes, DIVERGENCE)
+    _store_row_loss(loss_ptr, row, row_loss, weight, live, row_ok)
+
+
 def _block_config(n_cols: int, device: torch.device):
     """(BLOCK_V, num_warps): one block covers up to 4096 columns on a GPU, 256 interpreted."""
     cap = _GPU_BLOCK_V if device.type == "cuda" else _INTERPRETER_BLOCK_V
@@ -471,17 +645,16 @@ def _check_rows(name: str, rows: Optional[torch.Tensor]) -> None:
 
 def tcsm_loss_rows(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                    teacher_logits: Optional[torch.Tensor], topk_indices: Optional[torch.Tensor],
-                   topk_log_ratios: Optional[torch.Tensor], grad: torch.Tensor,
-                   divergence: str, objective: str, mask_id: int, temperature: float,
-                   ignore_index: int, tail: str, max_log_ratio: float) -> torch.Tensor:
+                   topk_values: Optional[torch.Tensor], grad: torch.Tensor,
+                   options: LossOptions) -> torch.Tensor:
     """Per-row weighted TCSM losses (N,) float32; writes weight * d row_loss / d logits to grad.
 
     logits (N, V) and grad (N, V, same dtype, may be logits itself) have contiguous rows;
-    teacher_logits (N, V) selects the dense teacher, topk_indices / topk_log_ratios (N, K) the
-    sparse one (score objective), neither the data target. mask_id = -1 means none. Arguments
-    are assumed validated (ops/loss.py); a live row with a target or top-K id out of range (or
-    a target equal to mask_id) gets a NaN loss and a zero gradient, and nothing out of bounds
-    is read.
+    teacher_logits (N, V) selects the dense teacher, topk_indices / topk_values (N, K) the
+    top-K one (log-ratios for the score objective, log-probabilities for distrib), neither the
+    data target. Arguments are assumed validated (ops/loss.py); a live row with a target or
+    top-K id out of range (or a target equal to mask_id) gets a NaN loss and a zero gradient,
+    and nothing out of bounds is read.
     """
     n_rows, n_cols = logits.shape
     row_loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
@@ -489,43 +662,53 @@ def tcsm_loss_rows(logits: torch.Tensor, target: torch.Tensor, weight: Optional[
         return row_loss
     for name, rows in (("logits", logits), ("grad", grad), ("teacher_logits", teacher_logits)):
         _check_rows(name, rows)
-    mask_id = -1 if mask_id is None else int(mask_id)
-    n_classes = float(n_cols - (1 if mask_id >= 0 else 0))  # V of the SPEC formulas
+    mask_id = -1 if options.mask_id is None else options.mask_id
+    n_classes = float(n_cols - (1 if mask_id >= 0 else 0))  # V of the formulas
     block_v, num_warps = _block_config(n_cols, logits.device)
     has_weight = weight is not None
     weight_arg = weight if has_weight else row_loss  # never read when HAS_WEIGHT is false
     weight_stride = weight.stride(0) if has_weight else 0  # 0 for a broadcast weight too
-    code = _DIVERGENCE_CODES[divergence]
-    row_args = (target.stride(0), weight_stride, n_cols, n_classes, mask_id, ignore_index)
+    code = _DIVERGENCE_CODES[options.divergence]
+    row_args = (target.stride(0), weight_stride, n_cols, n_classes, mask_id,
+                options.ignore_index)
+    temperature, max_log_ratio = float(options.temperature), float(options.max_log_ratio)
+    score = options.objective == "score"
     grid = (n_rows,)
     with _device_guard(logits.device):
         if teacher_logits is not None:
             dense_args = (logits, teacher_logits, grad, target, weight_arg, row_loss,
                           logits.stride(0), teacher_logits.stride(0), grad.stride(0), *row_args,
-                          float(temperature), float(max_log_ratio))
-            if objective == "score" and divergence == "is":
+                          temperature, max_log_ratio)
+            if score and options.divergence == "is":
                 _dense_score_is_kernel[grid](*dense_args, HAS_WEIGHT=has_weight,
                                              BLOCK_V=block_v, num_warps=num_warps)
             else:
-                _dense_target_kernel[grid](*dense_args, DIVERGENCE=code,
-                                           SCORE=objective == "score", HAS_WEIGHT=has_weight,
-                                           BLOCK_V=block_v, num_warps=num_warps)
+                _dense_target_kernel[grid](*dense_args, DIVERGENCE=code, SCORE=score,
+                                           HAS_WEIGHT=has_weight, BLOCK_V=block_v,
+                                           num_warps=num_warps)
         elif topk_indices is not None:
             n_topk = topk_indices.shape[1]
             block_k = triton.next_power_of_2(max(n_topk, 1))
             chunk_k = max(1, min(block_k, _MATCH_TILE // block_k))
-            # SPEC 4.4: is sums over S alone, so the tail only matters for gkl.
-            tail_zero = tail == "zero" and divergence == "gkl"
-            _sparse_target_kernel[grid](
-                logits, grad, target, weight_arg, row_loss, topk_indices, topk_log_ratios,
-                logits.stride(0), grad.stride(0), topk_indices.stride(0),
-                topk_indices.stride(1), topk_log_ratios.stride(0), topk_log_ratios.stride(1),
-                n_topk, *row_args, float(max_log_ratio),
-                DIVERGENCE=code, TAIL_ZERO=tail_zero, HAS_WEIGHT=has_weight, BLOCK_V=block_v,
-                BLOCK_K=block_k, CHUNK_K=chunk_k, num_warps=num_warps)
+            topk_args = (logits, grad, target, weight_arg, row_loss, topk_indices, topk_values,
+                         logits.stride(0), grad.stride(0), topk_indices.stride(0),
+                         topk_indices.stride(1), topk_values.stride(0), topk_values.stride(1),
+                         n_topk, *row_args, max_log_ratio)
+            if score:
+                # is sums over S alone, so the tail only matters for gkl.
+                tail_zero = options.tail == "zero" and options.divergence == "gkl"
+                _sparse_target_kernel[grid](
+                    *topk_args, DIVERGENCE=code, TAIL_ZERO=tail_zero, HAS_WEIGHT=has_weight,
+                    BLOCK_V=block_v, BLOCK_K=block_k, CHUNK_K=chunk_k, num_warps=num_warps)
+            else:
+                rest_chunk_k = max(1, min(block_k, _MATCH_TILE // block_v))
+                _sparse_distrib_kernel[grid](
+                    *topk_args, DIVERGENCE=code, RENORMALIZE=options.tail == "renormalize",
+                    HAS_WEIGHT=has_weight, BLOCK_V=block_v, BLOCK_K=block_k, CHUNK_K=chunk_k,
+                    REST_CHUNK_K=rest_chunk_k, num_warps=num_warps)
         else:
             _data_target_kernel[grid](
                 logits, grad, target, weight_arg, row_loss, logits.stride(0), grad.stride(0),
-                *row_args, float(max_log_ratio),
+                *row_args, max_log_ratio,
                 DIVERGENCE=code, HAS_WEIGHT=has_weight, BLOCK_V=block_v, num_warps=num_warps)
     return row_loss
