@@ -1,4 +1,4 @@
-"""Drop-ins for facebookresearch/flow_matching's discrete loss and Euler solver.
+"""Drop-ins for facebookresearch/flow_matching's discrete loss and Euler solver (v1.0.10).
 
 ``path`` is duck-typed as in flow_matching: anything with ``path.scheduler(t)`` returning an
 object with ``alpha_t`` and ``d_alpha_t`` (their ``MixtureDiscreteProbPath``). ``MixturePath``
@@ -8,24 +8,21 @@ Time runs as in flow_matching and this library: t = 1 is data, alpha_t = kappa_t
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.modules.loss import _Loss
 
-from .. import _checks
+from .. import _checks, philox
+from ..ops.ctmc_step import ctmc_step
+from ..ops.loss import fused_tcsm_loss
 from ..sampling import progress_steps
 from ..schedules import Schedule
+from . import _args
 
-
-def _fused_loss():
-    from ..ops.loss import fused_tcsm_loss  # imported on use: the op module loads its backends
-    return fused_tcsm_loss
-
-
-def _step_op():
-    from ..ops.ctmc_step import ctmc_step
-    return ctmc_step
+REDUCTIONS = ("none", "mean", "sum")
+SOURCE_OFFSET = 2**62  # + step index: Philox offset of the divergence-free (source) jumps
 
 
 class SchedulerOutput(NamedTuple):
@@ -61,140 +58,231 @@ def _check_path(path):
     return path
 
 
-class MixturePathGeneralizedKL(nn.Module):
+class _CrossEntropyAndProb(torch.autograd.Function):
+    """(CE(x_1), p(x_t)) per token of softmax(logits (..., V)), from ONE fused loss call.
+
+    The call gives CE = LSE - z[x_1] and keeps its gradient p - e[x_1] (one (N, V) buffer);
+    p(x_t) = exp(z[x_t] - z[x_1] - CE) is O(N). Since d p(x_t) / dz = p(x_t) (e[x_t] - p):
+        d/dz [g_ce CE + g_p p(x_t)] = (g_ce - g_p p(x_t)) (p - e[x_1])
+                                      + g_p p(x_t) (e[x_t] - e[x_1]),
+    i.e. the kept buffer scaled per row, plus two entries per row, written into that buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, x_1, x_t):
+        rows = logits.detach().requires_grad_(ctx.needs_input_grad[0])
+        with torch.set_grad_enabled(ctx.needs_input_grad[0]):
+            cross_entropy = fused_tcsm_loss(rows, x_1, reduction="none")
+        gap = (logits.gather(-1, x_t[..., None]) - logits.gather(-1, x_1[..., None]))[..., 0]
+        p_xt = torch.exp(gap.to(cross_entropy.dtype) - cross_entropy.detach())
+        ctx.rows, ctx.cross_entropy = rows, cross_entropy
+        ctx.save_for_backward(x_1, x_t, p_xt)
+        return cross_entropy.detach(), p_xt
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_p):
+        x_1, x_t, p_xt = ctx.saved_tensors
+        moved = grad_p * p_xt
+        (grad,) = torch.autograd.grad(ctx.cross_entropy, ctx.rows, grad_ce - moved)
+        moved = moved[..., None].to(grad.dtype)
+        grad.scatter_add_(-1, x_t[..., None], moved)
+        grad.scatter_add_(-1, x_1[..., None], -moved)
+        return grad, None, None
+
+
+class MixturePathGeneralizedKL(_Loss):
     """flow_matching's generalized KL loss of a mixture path, per token i:
 
         loss_i = -w(t) [ p(x_t^i) - delta(x_1^i, x_t^i) + (1 - delta) log p(x_1^i) ],
-        w(t) = d_alpha_t / (1 - alpha_t)  (or the given ``jump_coefficient``),
+        w(t) = d_alpha_t / (1 - alpha_t),
 
-    with p = softmax(logits) over all V columns. Written as
-    ``w [x_t != x_1] CE(x_1) + w (delta - p(x_t))``. What is fused: the cross-entropy term is
-    one ``fused_tcsm_loss`` call (divergence "kl", data target x_1, weight w [x_t != x_1]);
-    p(x_t) = exp(-CE(x_t)) comes from a second ``fused_tcsm_loss`` call with target x_t and
-    per-row output. Only (B, d)-sized elementwise torch ops combine the two, so no (N, V)
-    intermediate is built beyond what the fused op keeps for its backward (one gradient buffer
-    per call). Values and gradients equal flow_matching's (float32 math).
+    p = softmax(logits) over all V columns. Fused: CE(x_1) = -log p(x_1) and p(x_t) come from one
+    ``fused_tcsm_loss`` call (``_CrossEntropyAndProb``), so one (N, V) gradient buffer is all the
+    loss keeps; the rest is (B, d)-sized. ``reduction`` ("mean" over all tokens, "sum", "none")
+    is checked when the loss runs, as flow_matching does. Values and gradients equal
+    flow_matching's (float32 math).
     """
 
-    def __init__(self, path, reduction: str = "mean"):
-        super().__init__()
-        _checks.choice("reduction", reduction, ("none", "mean", "sum"))
+    def __init__(self, path, reduction: str = "mean") -> None:
+        super().__init__(None, None, reduction)
         self.path = _check_path(path)
-        self.reduction = reduction
 
-    def forward(self, logits: torch.Tensor, x_1: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                jump_coefficient: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """logits (B, d..., V), x_1 and x_t (B, d...) ids, t (B,); loss per ``reduction``."""
-        _checks.tensor("x_1", x_1, _checks.INDEX_DTYPES)
+    def forward(self, logits: torch.Tensor, x_1: torch.Tensor, x_t: torch.Tensor,
+                t: torch.Tensor) -> torch.Tensor:
+        """logits (B, d..., V), x_1 and x_t (B, d...) ids, t (B,) times; loss per reduction."""
+        vocab, batch_shape = _checks.rows_and_ids("logits", logits, "x_1", x_1)
         _checks.tensor("x_t", x_t, _checks.INDEX_DTYPES)
         if x_t.shape != x_1.shape:
-            raise ValueError(f"x_t must have the shape of x_1 {tuple(x_1.shape)}, got "
+            raise ValueError(f"x_t must have the shape of x_1 {batch_shape}, got "
                              f"{tuple(x_t.shape)}")
         if x_1.dim() < 1:
             raise ValueError("x_1 must have shape (batch, ...)")
-        if jump_coefficient is None:
-            sched = self.path.scheduler(t)
-            jump_coefficient = sched.d_alpha_t / (1 - sched.alpha_t)
-        elif jump_coefficient.shape != x_1.shape[:1]:
-            raise ValueError("jump_coefficient must be a vector of shape (batch,)")
-        if jump_coefficient.numel() != x_1.shape[0]:
-            raise ValueError(f"t must have shape ({x_1.shape[0]},), got {tuple(t.shape)}")
-        coef = jump_coefficient.reshape((-1,) + (1,) * (x_1.dim() - 1)).expand(x_1.shape)
-        same = x_t == x_1
-        loss = _fused_loss()
-        cross_entropy = loss(logits, x_1, divergence="kl", reduction="none",
-                             weight=torch.where(same, 0, coef).float())
-        p_xt = torch.exp(-loss(logits, x_t, divergence="kl", reduction="none"))
-        per_token = cross_entropy + coef * (same.to(p_xt.dtype) - p_xt)
+        _checks.tensor("t", t, _checks.FLOAT_DTYPES)
+        _checks.same_device("t", t, logits, "logits")
+        _checks.choice("reduction", self.reduction, REDUCTIONS)
+        if _checks.resolve_check(None, logits.device):
+            _checks.ids_in_range("x_1", x_1, vocab)
+            _checks.ids_in_range("x_t", x_t, vocab)
+        sched = self.path.scheduler(t)
+        jump_coefficient = sched.d_alpha_t / (1 - sched.alpha_t)
+        coef = _checks.broadcast("t", jump_coefficient.reshape(
+            jump_coefficient.shape + (1,) * (x_1.dim() - 1)), batch_shape)
+        cross_entropy, p_xt = _CrossEntropyAndProb.apply(logits, x_1.long(), x_t.long())
+        delta = (x_t == x_1).to(cross_entropy.dtype)
+        loss = -coef * (p_xt - delta - (1 - delta) * cross_entropy)
         if self.reduction == "mean":
-            return per_token.mean()
-        if self.reduction == "sum":
-            return per_token.sum()
-        return per_token
+            return loss.mean()
+        return loss.sum() if self.reduction == "sum" else loss
 
 
-def _nearest_indices(time_grid: torch.Tensor, grid: torch.Tensor) -> set:
-    """Indices of the points of ``grid`` nearest to each entry of ``time_grid``."""
-    distance = (time_grid.double()[:, None] - grid.double()[None, :]).abs()
-    return set(distance.argmin(dim=1).tolist())
+def _nearest_times(time_grid: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """For each time of ``time_grid`` the nearest point of ``grid`` (flow_matching's rule)."""
+    return grid[(time_grid[:, None] - grid[None, :]).abs().argmin(dim=1)]
 
 
-class MixtureDiscreteEulerSolver:
+class MixtureDiscreteEulerSolver(nn.Module):
     """flow_matching's Euler CTMC solver of a mixture path, each step one fused ``ctmc_step``.
 
     ``model(x=x_t, t=t (B,), **model_extras)`` returns posterior probabilities (..., V) like
-    flow_matching's wrapped models. In a step from t to t + h every position moves to
-    x1 ~ p_{1|t} with probability 1 - exp(-h d_alpha_t / (1 - alpha_t)) (a move to x1 = x_t is
-    no move, as in flow_matching); the last step sets x_t = x1 everywhere. For a mask-source path
-    this unmasks everything at t = 1. The divergence-free term is not supported
-    (``div_free`` must be 0). Randomness: a Philox seed drawn from torch's global generator per
-    call, so ``torch.manual_seed`` makes runs reproducible (the random stream differs from
-    flow_matching's). Probabilities are clamped to float32's smallest normal number before the
-    log, giving zero-probability tokens a relative weight below 1e-37.
+    flow_matching's wrapped models; it sees x_t with x_init's dtype. A step from t to t + h, per
+    position, with w = d_alpha_t / (1 - alpha_t) and c = div_free(t) (its term only for c > 0,
+    and then ``source_distribution_p`` = p_0 is needed), is flow_matching's:
+        x_1 ~ p_{1|t};  rates u(y) = (1 + c) w [y = x_1] + (c d_alpha_t / alpha_t) p_0(y), y != x_t;
+        with probability 1 - exp(-h sum_y u(y)) jump to y ~ u / sum_y u,
+    drawn as a move to x_1 by ``ctmc_step`` plus, for c > 0, an O(N) draw of the p_0 part (by
+    inverse CDF). The last step sets x_t = x_1. Results are int64 (flow_matching's x_1 is).
+
+    Randomness: one Philox seed per ``sample`` call, drawn from ``generator`` (default torch's
+    global generator: ``torch.manual_seed`` makes runs reproducible); the stream differs from
+    flow_matching's, the distribution is the same. ``backend`` goes to ``ctmc_step``.
     """
 
     def __init__(self, model, path, vocabulary_size: int,
-                 source_distribution_p: Optional[torch.Tensor] = None):
+                 source_distribution_p: Optional[torch.Tensor] = None, *,
+                 generator: Optional[torch.Generator] = None, backend: str = "auto"):
+        super().__init__()
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
-        if isinstance(vocabulary_size, bool) or not isinstance(vocabulary_size, int):
-            raise TypeError(f"vocabulary_size must be an int, got {type(vocabulary_size).__name__}")
-        if vocabulary_size < 1:
-            raise ValueError(f"vocabulary_size must be >= 1, got {vocabulary_size}")
-        if source_distribution_p is not None and source_distribution_p.shape != (vocabulary_size,):
-            raise ValueError(f"source_distribution_p must have shape ({vocabulary_size},), got "
-                             f"{tuple(source_distribution_p.shape)}")
+        vocabulary_size = _args.integer("vocabulary_size", vocabulary_size, 1)
+        if source_distribution_p is not None:
+            _checks.tensor("source_distribution_p", source_distribution_p, _checks.FLOAT_DTYPES)
+            if source_distribution_p.shape != (vocabulary_size,):
+                raise ValueError(f"source_distribution_p must have shape ({vocabulary_size},), "
+                                 f"got {tuple(source_distribution_p.shape)}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         self.model = model
         self.path = _check_path(path)
         self.vocabulary_size = vocabulary_size
         self.source_distribution_p = source_distribution_p
+        self.generator = generator
+        self.backend = _checks.choice("backend", backend, _checks.BACKENDS)
 
-    def sample(self, x_init: torch.Tensor, step_size: Optional[float], div_free=0.0,
+    @torch.no_grad()
+    def sample(self, x_init: torch.Tensor, step_size: Optional[float],
+               div_free: Union[float, Callable[[float], float]] = 0.0,
                dtype_categorical: torch.dtype = torch.float32,
                time_grid: torch.Tensor = torch.tensor([0.0, 1.0]),
                return_intermediates: bool = False, verbose: bool = False,
-               enable_grad: bool = False, **model_extras) -> torch.Tensor:
-        """x_init (B, ...) ids -> x at time_grid[-1]; with ``return_intermediates`` a stack of
-        the states at the times of ``time_grid`` (every grid point when ``step_size`` is None,
-        else the nearest uniform-step points), like flow_matching."""
-        if callable(div_free) or div_free != 0.0:
-            raise ValueError("div_free != 0 is not supported by this adapter")
+               **model_extras) -> torch.Tensor:
+        """x_init (B, ...) ids -> x at time_grid[-1] (int64). ``step_size`` None steps on
+        ``time_grid``; a number steps uniformly from time_grid[0] to time_grid[-1]. With
+        ``return_intermediates``, a stack of the states at the times of ``time_grid`` (with a
+        step size: the nearest grid points, in time_grid's order), like flow_matching."""
         _checks.tensor("x_init", x_init, _checks.INDEX_DTYPES)
+        if not callable(div_free):
+            div_free = _args.real("div_free", div_free)
+        if (callable(div_free) or div_free != 0) and self.source_distribution_p is None:
+            raise ValueError("div_free != 0 needs source_distribution_p (the constructor's)")
+        if not (isinstance(dtype_categorical, torch.dtype) and dtype_categorical.is_floating_point):
+            raise TypeError(f"dtype_categorical must be a floating torch.dtype, got "
+                            f"{dtype_categorical!r}")
+        _checks.tensor("time_grid", time_grid, _checks.FLOAT_DTYPES)
+        if time_grid.dim() != 1 or time_grid.numel() < 2:
+            raise ValueError(f"time_grid must be a 1-D tensor of at least two times, got shape "
+                             f"{tuple(time_grid.shape)}")
         time_grid = time_grid.to(device=x_init.device)
-        if step_size is None:
-            grid = time_grid
-        else:
-            t_init, t_final = float(time_grid[0]), float(time_grid[-1])
-            if not t_final - t_init > step_size:
-                raise ValueError(f"the time interval [{t_init}, {t_final}] must be longer than "
-                                 f"step_size={step_size}")
-            n = math.ceil((t_final - t_init) / step_size)
-            grid = torch.tensor([t_init + step_size * i for i in range(n)] + [t_final],
-                                device=x_init.device)
+        grid = time_grid if step_size is None else self._uniform_grid(time_grid, step_size)
+        kept = time_grid if step_size is None else _nearest_times(time_grid, grid)
+        # flow_matching keeps the state after a step when t + h is one of the kept times
+        t_next = grid[:-1] + (grid[1:] - grid[:-1])
+        keep = (t_next[:, None] == kept[None, :]).any(dim=1).tolist()
+
+        seed = _args.philox_seed(self.generator)
         n_steps = grid.numel() - 1
-        if n_steps < 1:
-            raise ValueError("time_grid must hold at least two times")
-        keep = set(range(n_steps + 1)) if step_size is None else _nearest_indices(time_grid, grid)
-        seed = int(torch.randint(0, 2**62, (1,)))
-        step_op = _step_op()
-        tiny = torch.finfo(torch.float32).tiny
-        x_t = x_init.clone()
-        states = [x_init.clone()] if return_intermediates else []
-        with torch.set_grad_enabled(enable_grad):
-            for i in progress_steps(n_steps, verbose, desc="NFE"):
-                t = grid[i:i + 1]
-                probs = self.model(x=x_t, t=t.repeat(x_t.shape[0]), **model_extras)
-                logits = torch.log(probs.detach().to(dtype_categorical).clamp_min(tiny))
-                if i == n_steps - 1:
-                    jump = torch.ones(1, device=x_t.device)
-                else:
-                    sched = self.path.scheduler(t)
-                    h = grid[i + 1:i + 2] - t
-                    jump = -torch.expm1(-h * sched.d_alpha_t / (1 - sched.alpha_t))
-                x_t = step_op(logits, x_t, jump.clamp(0, 1), seed=seed, offset=i).to(x_init.dtype)
-                if return_intermediates and i + 1 in keep:
-                    states.append(x_t)
+        x_t = x_init.long()
+        states = [x_t] if return_intermediates else []
+        for i in progress_steps(n_steps, verbose, desc="NFE"):
+            t = grid[i:i + 1]
+            probs = self.model(x=x_t.to(x_init.dtype), t=t.repeat(x_t.shape[0]), **model_extras)
+            _checks.tensor("the model's output", probs, _checks.FLOAT_DTYPES)
+            if probs.shape != x_t.shape + (self.vocabulary_size,):
+                raise ValueError(f"the model must return probabilities of shape "
+                                 f"{tuple(x_t.shape) + (self.vocabulary_size,)}, got "
+                                 f"{tuple(probs.shape)}")
+            logits = probs.to(dtype_categorical).log()
+            if i == n_steps - 1:
+                x_t = ctmc_step(logits, x_t, torch.ones((), device=x_t.device), seed=seed,
+                                offset=i, backend=self.backend)
+            else:
+                c = float(div_free(t)) if callable(div_free) else div_free
+                x_t = self._step(logits, x_t, t, grid[i + 1:i + 2] - t, c, seed, i)
+            if return_intermediates and keep[i]:
+                states.append(x_t)
         if not return_intermediates:
             return x_t
         stacked = torch.stack(states, dim=0)
-        return stacked if step_size is None else stacked[torch.argsort(time_grid)]
+        if step_size is None:
+            return stacked
+        if len(states) != time_grid.numel():  # flow_matching fails here with an IndexError
+            raise ValueError(f"time_grid {time_grid.tolist()}: with a step_size, each time must "
+                             "have its own nearest step point in [time_grid[0], time_grid[-1]]")
+        return stacked[torch.argsort(time_grid)]
+
+    @staticmethod
+    def _uniform_grid(time_grid: torch.Tensor, step_size) -> torch.Tensor:
+        """flow_matching's uniform discretisation: t_init + step_size * i, then t_final."""
+        step_size = _args.real("step_size", step_size)
+        t_init, t_final = time_grid[0].item(), time_grid[-1].item()
+        if not t_final - t_init > step_size:
+            raise ValueError(f"the time interval [{t_init}, {t_final}] must be longer than "
+                             f"step_size={step_size}")
+        n_steps = math.ceil((t_final - t_init) / step_size)
+        return torch.tensor([t_init + step_size * i for i in range(n_steps)] + [t_final],
+                            device=time_grid.device)
+
+    def _step(self, logits, x_t, t, h, div_free_t: float, seed: int, step: int) -> torch.Tensor:
+        """One Euler step (not the last) from t to t + h; x_t (B, ...) int64."""
+        sched = self.path.scheduler(t=t)
+        to_x1 = sched.d_alpha_t / (1 - sched.alpha_t)  # the rate toward x_1, w
+        if not div_free_t > 0:
+            return ctmc_step(logits, x_t, (-torch.expm1(-h * to_x1)).clamp(0, 1), seed=seed,
+                             offset=step, backend=self.backend)
+        if not bool((sched.alpha_t > 0).all()):
+            raise ValueError(f"div_free > 0 at t={float(t)}, where alpha_t = 0: the source rate "
+                             "d_alpha_t / alpha_t is not finite (start time_grid above 0 or "
+                             "make div_free vanish there)")
+        p0 = self.source_distribution_p.to(device=x_t.device, dtype=torch.float64)
+        cdf = p0.cumsum(0)
+        p0_xt = p0[x_t]
+        # rates out of x_t: (1 + c) w toward x_1, c d_alpha / alpha p_0(y) toward each y != x_t
+        to_x1 = (1 + div_free_t) * to_x1.double()
+        to_source = div_free_t * sched.d_alpha_t.double() / sched.alpha_t * (cdf[-1] - p0_xt)
+        h = h.double()
+        total = to_x1 + to_source
+        moves = -torch.expm1(-h * total)
+        via_x1 = torch.where(total > 0, moves * to_x1 / total, 0)
+        via_source = torch.where(total > 0, moves * to_source / total, 0)
+        out = ctmc_step(logits, x_t, via_x1, seed=seed, offset=step, return_x1=True,
+                        backend=self.backend)
+        # P(source jump | the step op's outcome): all of it when x_1 = x_t (its x_1 part is
+        # void), none after a move to x_1, else via_source / (1 - via_x1)
+        p_source = torch.where(out.x1 == x_t, -torch.expm1(-h * to_source),
+                               torch.where(out.x == x_t, via_source / (1 - via_x1), 0))
+        u_jump, u_draw = (u.reshape(x_t.shape) for u in philox.row_uniforms(
+            seed, SOURCE_OFFSET + step, x_t.numel(), device=x_t.device))
+        # y ~ p_0 without x_t: inverse CDF of a mass in [0, total - p_0(x_t)), x_t's cell skipped
+        mass = u_draw * (cdf[-1] - p0_xt)
+        mass = mass + torch.where(mass >= cdf[x_t] - p0_xt, p0_xt, 0)
+        y = torch.searchsorted(cdf, mass, right=True).clamp(max=p0.numel() - 1)
+        return torch.where(u_jump < p_source, y, out.x)
