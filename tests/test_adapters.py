@@ -94,16 +94,20 @@ def test_flow_matching_loss_values_and_gradients(reference_loss, reduction, sour
         torch.testing.assert_close(mine, their, rtol=1e-5, atol=1e-6)
 
 
-def test_flow_matching_loss_makes_one_fused_call(monkeypatch):
-    calls = []
+def test_flow_matching_loss_makes_one_fused_call_keeping_one_gradient_buffer(monkeypatch):
+    calls, saved = [], []
     fused = fm_adapter.fused_tcsm_loss
     monkeypatch.setattr(fm_adapter, "fused_tcsm_loss", lambda *a, **k: calls.append(1) or
                         fused(*a, **k))
     x_1, x_t, t = flow_batch("uniform")
     logits = leaf_logits(4)
-    loss = fm_adapter.MixturePathGeneralizedKL(peer_fm.StandInPath(1.0))(logits, x_1, x_t, t)
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x,
+                                                  lambda x: x):
+        loss = fm_adapter.MixturePathGeneralizedKL(peer_fm.StandInPath(1.0))(logits, x_1, x_t,
+                                                                              t)
     loss.backward()
     assert len(calls) == 1 and logits.grad.shape == logits.shape
+    assert sum(numel >= logits.numel() for numel in saved) == 1  # the fused gradient buffer
 
 
 def test_flow_matching_loss_is_a_loss_module_over_schedules_too():

@@ -180,7 +180,7 @@ class MixtureDiscreteEulerSolver(nn.Module):
 
     @torch.no_grad()
     def sample(self, x_init: torch.Tensor, step_size: Optional[float],
-               div_free: Union[float, Callable[[float], float]] = 0.0,
+               div_free: Union[float, Callable[[torch.Tensor], float]] = 0.0,
                dtype_categorical: torch.dtype = torch.float32,
                time_grid: torch.Tensor = torch.tensor([0.0, 1.0]),
                return_intermediates: bool = False, verbose: bool = False,
@@ -188,7 +188,9 @@ class MixtureDiscreteEulerSolver(nn.Module):
         """x_init (B, ...) ids -> x at time_grid[-1] (int64). ``step_size`` None steps on
         ``time_grid``; a number steps uniformly from time_grid[0] to time_grid[-1]. With
         ``return_intermediates``, a stack of the states at the times of ``time_grid`` (with a
-        step size: the nearest grid points, in time_grid's order), like flow_matching."""
+        step size: the nearest grid points, in time_grid's order), like flow_matching.
+        ``div_free``: a number, or a function of t (the step's time as a (1,) tensor, as
+        flow_matching passes it); any value but 0 needs ``source_distribution_p``."""
         _checks.tensor("x_init", x_init, _checks.INDEX_DTYPES)
         if not callable(div_free):
             div_free = _args.real("div_free", div_free)

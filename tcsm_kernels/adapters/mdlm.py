@@ -50,7 +50,8 @@ def subs_loss(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, mask_id:
     _checks.tensor("xt", xt, _checks.INDEX_DTYPES)
     if xt.shape != x0.shape:
         raise ValueError(f"xt must have the shape of x0 {batch_shape}, got {tuple(xt.shape)}")
-    mask_id = _checks.column_id("mask_id", _args.integer("mask_id", mask_id, 0), vocab)
+    mask_id = _args.integer("mask_id", mask_id, 0)
+    _checks.column_id("mask_id", mask_id, vocab)
     if isinstance(weight, torch.Tensor):
         _checks.tensor("weight", weight, _checks.FLOAT_DTYPES)
     else:
