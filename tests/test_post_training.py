@@ -1,15 +1,15 @@
 """Post-training: AR teacher, distillation (SPEC 6), reward tilt; tiny configurations."""
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from tcsm_kernels.train.ar_teacher import CausalTeacher, ar_topk_targets, load_teacher
 from tcsm_kernels.train.post_cli import add_post_training_commands
-from tcsm_kernels.train.reward import (VowelReward, exact_reward_deltas, taylor_reward_deltas,
-                                       tilted_topk_targets, SequenceClassifier)
+from tcsm_kernels.train.finetune import ResidualStudent, tilted_topk_targets
+from tcsm_kernels.train.rewards import (VowelReward, exact_reward_deltas, taylor_reward_deltas,
+                                        SequenceClassifier)
 from tcsm_kernels.train.run import ConfigError, load_trained
 from tcsm_kernels.train.data import Vocabulary, TEXT8_SYMBOLS
 from tcsm_kernels.train.progress import read_metrics
@@ -150,8 +150,6 @@ def test_finetune_two_betas(tmp_path, teacher_dir):
 
 
 def test_residual_student_starts_at_reference():
-    from tcsm_kernels.train.reward import ResidualStudent
-
     model, _ = tiny_causal()
     student = ResidualStudent(model.float())
     x = torch.randint(0, 5, (2, 6))

@@ -16,7 +16,7 @@ from tcsm_kernels.train import checkpoint
 from tcsm_kernels.train.cli import main
 from tcsm_kernels.train.data import TokenCorpus, Vocabulary, entropies, prepare_corpus
 from tcsm_kernels.train.evaluate import position_nelbo
-from tcsm_kernels.train.loss_bench import format_table, loss_table
+from tcsm_kernels.train.loss_speed import format_table, loss_table
 from tcsm_kernels.train.progress import read_metrics
 from tcsm_kernels.train.run import TrainConfig
 

@@ -8,7 +8,6 @@ one backward of the total log-likelihood sum_j log p(x_j | x_<j) gives every fut
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Optional, Tuple
@@ -19,9 +18,8 @@ import torch.nn.functional as F
 from . import checkpoint, distributed
 from .data import TokenCorpus, batch_starts, eval_windows, read_windows, step_generator
 from .model import Block, Denoiser, DenoiserConfig, rotate
-from .pretrain import (Session, Trainer, WarmupCosine, _create_run, _param_groups,
-                       open_session)
 from .run import CHECKPOINT_DIR, ConfigError, TrainConfig, read_config
+from .trainer import Session, Trainer, train_single_process
 
 TEACHER_FILE = "ar_teacher.json"
 
@@ -156,30 +154,6 @@ def teacher_bits(teacher: CausalTeacher, split, seq_len: int, max_sequences: int
     return total / (len(starts) * seq_len) / 0.6931471805599453
 
 
-def replace_model(trainer: Trainer, model: torch.nn.Module) -> None:
-    """Swap a freshly built Trainer's denoiser for ``model``, with a new optimizer and schedule
-    (frozen parameters get no gradient, so AdamW leaves them alone; same hyper-parameters as pre-training)."""
-    config = trainer.config
-    trainer.model = model.to(trainer.world.device)
-    trainer.optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay),
-                                          lr=config.lr, betas=(0.9, 0.99))
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        trainer.optimizer, WarmupCosine(config.warmup, config.steps, config.min_lr_ratio))
-
-
-def step_on_loss(trainer: Trainer, loss: torch.Tensor) -> None:
-    """One-process optimizer step of a Trainer subclass: backward, clip, optimizer and schedule
-    step, and the loss queued for the metrics log."""
-    loss.backward()
-    if trainer.config.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.config.grad_clip)
-    lr = trainer.optimizer.param_groups[0]["lr"]
-    trainer.optimizer.step()
-    trainer.scheduler.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.pending.append((trainer.step, loss.detach(), lr, trainer.elapsed()))
-
-
 class TeacherTrainer(Trainer):
     """The pre-training loop (schedule, logging, checkpoints) with a causal LM and the
     cross-entropy loss ``fused_tcsm_loss(divergence="kl")``, BOS excluded from the softmax."""
@@ -188,7 +162,7 @@ class TeacherTrainer(Trainer):
                  world: distributed.World):
         super().__init__(config, session, run_dir, world)
         torch.manual_seed(config.seed)
-        replace_model(self, build_teacher(config, self.corpus.vocab.size))
+        self.replace_model(build_teacher(config, self.corpus.vocab.size))
 
     def clean_batch(self) -> torch.Tensor:
         """(B, L) training windows of step ``self.step`` (a function of seed and step)."""
@@ -205,7 +179,7 @@ class TeacherTrainer(Trainer):
         x = self.clean_batch()
         logits = self.model.next_token_logits(self.model.input_embeddings(x))
         loss = fused_tcsm_loss(logits, x, divergence="kl")
-        step_on_loss(self, loss)
+        self.step_on_loss(loss)
 
     def evaluate(self) -> None:
         began = time.perf_counter()
@@ -215,31 +189,7 @@ class TeacherTrainer(Trainer):
         self.eval_seconds += time.perf_counter() - began
 
 
-def run_single_process(trainer_class, config: Optional[TrainConfig], session: Session,
-                       marker: Optional[dict] = None, **extra) -> dict:
-    """Create (or resume) a run in ``session.out`` on one process and train it with
-    ``trainer_class(config, session, run_dir, world, **extra)``; ``marker`` is written as
-    TEACHER_FILE in a new run (it marks a teacher run)."""
-    run_dir, device, config = open_session(config, session)
-    config.validate(new_run=session.resume is None)
-    if config.grad_accum != 1 or not config.masked:
-        raise ConfigError("this command runs on one process with --grad-accum 1 and --process "
-                          "masked")
-    state = None
-    if session.resume is None:
-        _create_run(config, run_dir)
-        if marker is not None:
-            (run_dir / TEACHER_FILE).write_text(json.dumps(marker))
-    else:
-        path = (run_dir / CHECKPOINT_DIR / checkpoint.LAST if session.resume == "last"
-                else Path(session.resume))
-        state = checkpoint.load(path)
-    trainer = trainer_class(config, session, run_dir, distributed.World(0, 1, device), **extra)
-    if state is not None:
-        trainer.restore(state)
-    return trainer.run()
-
-
 def train_teacher(config: Optional[TrainConfig], session: Session) -> dict:
     """`tcsm train-ar`: train (or resume) a causal teacher run in ``session.out``."""
-    return run_single_process(TeacherTrainer, config, session, marker={"model": "causal"})
+    return train_single_process(TeacherTrainer, config, session,
+                                run_files={TEACHER_FILE: {"model": "causal"}})

@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .files import atomic_file
 
 MAGIC = b"TCSMCKP1"
 LAST = "last.pt"
@@ -31,20 +32,13 @@ def save(directory: Path, state: dict) -> Path:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    handle, tmp = tempfile.mkstemp(dir=directory, prefix=LAST + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(MAGIC + hashlib.sha256(payload).digest() + payload)
-            out.flush()
-            os.fsync(out.fileno())
-        last = directory / LAST
+    last = directory / LAST
+    with atomic_file(last, "wb") as out:
+        out.write(MAGIC + hashlib.sha256(payload).digest() + payload)
+        out.flush()
+        os.fsync(out.fileno())  # the new file is on disk before the old one is rotated out
         if last.exists() and _is_valid(last):  # never rotate a damaged file over a good one
             os.replace(last, directory / PREVIOUS)
-        os.replace(tmp, last)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return directory / LAST
 
 

@@ -15,14 +15,14 @@ import codecs
 import itertools
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
+
+from .files import atomic_file, write_json_atomic
 
 TEXT8_SYMBOLS = " abcdefghijklmnopqrstuvwxyz"
 VOCABULARIES = ("text8", "char", "byte")
@@ -159,29 +159,13 @@ def tokenize(source, vocab_kind: str, path: Path) -> Tuple[Vocabulary, int]:
         vocab = Vocabulary(vocab_kind, tuple(TEXT8_SYMBOLS) if vocab_kind == "text8" else ())
     encode = _encoder(vocab)
     count = 0
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            pieces = itertools.chain(((c, False) for c in _read_chunks(source)), [(b"", True)])
-            for chunk, final in pieces:
-                ids = encode(chunk, final)
-                out.write(ids.astype(vocab.dtype).tobytes())
-                count += len(ids)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(path, "wb") as out:
+        pieces = itertools.chain(((c, False) for c in _read_chunks(source)), [(b"", True)])
+        for chunk, final in pieces:
+            ids = encode(chunk, final)
+            out.write(ids.astype(vocab.dtype).tobytes())
+            count += len(ids)
     return vocab, count
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON through a temporary file and os.replace (never a half-written file)."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(handle, "w") as out:
-        json.dump(data, out, indent=1)
-    os.replace(tmp, path)
 
 
 class TokenCorpus:

@@ -10,29 +10,16 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .evaluate import evaluate_run
-from .loss_bench import format_table, loss_table
-from .pretrain import Session, train
+from .evaluate import evaluate_run, format_evaluation
+from .loss_speed import format_table, loss_table
 from .progress import read_metrics
 from .run import METRICS_FILE, TrainConfig, load_trained
 from .sample import generate
+from .trainer import Session, train
 
 DEMO_CONFIG = TrainConfig(eval_every=0)  # the defaults, evaluated once at the end
 CALIBRATION_WARMUP, CALIBRATION_STEPS = 2, 8  # untimed first steps, then timed ones
 TIME_LIMIT_FACTOR = 1.2  # a machine that slows down mid-run stops at this x the planned time
-
-
-def format_evaluation(result: dict) -> str:
-    return "\n".join([
-        f"validation split: {result['val_tokens']:,} tokens, {result['sequences']} sequences, "
-        f"{result['time_samples']} stratified times each",
-        f"  NELBO (this model)          {result['nelbo_bits']:.3f} +- "
-        f"{result['stderr_bits']:.3f} bits per token",
-        f"  bigram entropy H(x_i|x_i-1) {result['bigram_bits']:.3f} bits per token",
-        f"  unigram entropy H(x)        {result['unigram_bits']:.3f} bits per token",
-        f"  NELBO - bigram entropy      {result['nelbo_bits'] - result['bigram_bits']:+.3f} bits "
-        f"per token ({'below' if result['nelbo_bits'] < result['bigram_bits'] else 'not below'} "
-        "the bigram bar)"])
 
 
 def calibrate(config: TrainConfig, run_dir: Path, threads: Optional[int]) -> float:

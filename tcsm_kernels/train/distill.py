@@ -3,8 +3,8 @@
 Each step draws the same global batch as pre-training (clean windows x, times t, masks), the
 teacher reads the clean x once and yields top-K candidates with log concrete ratios at every
 position (optionally with the Taylor future term), and the student's logits at the masked
-positions of x_t are fitted with ``fused_tcsm_loss(teacher_topk=..., divergence="gkl")`` under
-the pre-training loop's weighting (``--time-weight``).
+positions of x_t are fitted to them (``topk_target.TopKTargetTrainer``: the fused top-K loss
+under the pre-training loop's weighting, ``--time-weight``).
 """
 from __future__ import annotations
 
@@ -17,12 +17,15 @@ import numpy as np
 import torch
 
 from . import distributed
-from .ar_teacher import ar_topk_targets, load_teacher, run_single_process, step_on_loss
-from .pretrain import IGNORE, Session, Trainer, make_batch
-from .run import ConfigError, TrainConfig
+from .ar_teacher import ar_topk_targets, load_teacher, teacher_bits, train_teacher
+from .files import write_json_atomic, write_text_atomic
+from .progress import read_metrics
+from .report import markdown_table, pyplot, save_figure
+from .run import METRICS_FILE, ConfigError, TrainConfig
+from .topk_target import TAILS, TopKTargetTrainer
+from .trainer import Session, train, train_single_process
 
 DISTILL_FILE = "distill.json"
-TAILS = ("zero", "ignore")
 
 
 @dataclass
@@ -42,13 +45,13 @@ class DistillOptions:
             raise ConfigError(f"--k must be > 0; got {self.k}")
 
 
-class Distiller(Trainer):
+class Distiller(TopKTargetTrainer):
     """The pre-training loop with the sparse AR-teacher target in place of the data target."""
 
     def __init__(self, config: TrainConfig, session: Session, run_dir: Path,
                  world: distributed.World, options: DistillOptions):
         super().__init__(config, session, run_dir, world)
-        self.options = options
+        self.options, self.tail = options, options.tail
         self.teacher, teacher_config, teacher_corpus = load_teacher(options.teacher,
                                                                     world.device)
         if teacher_corpus.vocab != self.corpus.vocab:
@@ -64,25 +67,14 @@ class Distiller(Trainer):
                               f"{self.corpus.vocab.size}")
         record = run_dir / DISTILL_FILE
         if not record.exists():
-            record.write_text(json.dumps(asdict(options)))
+            write_json_atomic(record, asdict(options))
 
-    def train_step(self, ddp) -> None:
-        from ..ops.loss import fused_tcsm_loss
-
-        self.step += 1
-        device, options = self.world.device, self.options
-        batch = make_batch(self.config, self.corpus, self.process, self.step, self.world)
-        x_t, target = batch.x_t.to(device), batch.target.to(device)
-        clean = torch.where(target != IGNORE, target, x_t)  # unmasked positions are clean
+    def logits_and_targets(self, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor):
+        options = self.options
         indices, log_ratios = ar_topk_targets(self.teacher, clean, options.k,
                                               options.temperature, options.taylor)
-        logits = self.model(x_t, batch.t.to(device))
-        weight = None if batch.weight is None else batch.weight.to(device)
-        loss = fused_tcsm_loss(logits, target, teacher_topk=(indices, log_ratios),
-                               divergence="gkl", objective="score", weight=weight,
-                               mask_id=self.mask_id,
-                               normalizer=batch.normalizer, tail=options.tail)
-        step_on_loss(self, loss)
+        return self.model(x_t, t), (indices, log_ratios)
+
 
 def distill(config: Optional[TrainConfig], session: Session,
             options: Optional[DistillOptions]) -> dict:
@@ -96,23 +88,11 @@ def distill(config: Optional[TrainConfig], session: Session,
     if config is not None and teacher_config.vocab != config.vocab:
         raise ConfigError(f"--vocab {config.vocab} differs from the teacher's vocabulary "
                           f"{teacher_config.vocab} (--teacher {options.teacher})")
-    return run_single_process(Distiller, config, session, options=options)
-
-
-def write_table(path: Path, header: list, rows: list) -> str:
-    """A markdown table of ``rows`` under ``header``, written to ``path`` and returned."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    text = "\n".join(lines) + "\n"
-    Path(path).write_text(text)
-    return text
+    return train_single_process(Distiller, config, session, options=options)
 
 
 def validation_curve(run_dir: Path) -> list:
     """(step, elapsed training seconds, validation bits per token) of a run's evaluations."""
-    from .progress import read_metrics
-    from .run import METRICS_FILE
-
     records = read_metrics(Path(run_dir) / METRICS_FILE)
     elapsed = {r["step"]: r["elapsed_s"] for r in records if "elapsed_s" in r}
     return [(r["step"], elapsed[r["step"]], r["val_bits"]) for r in records if "val_bits" in r]
@@ -125,9 +105,6 @@ def compare_distill(out: str, *, config: TrainConfig, teacher_steps: int, k: int
     configuration (same batches, steps and evaluations); write ``comparison.md`` (validation
     bits per token at equal steps, and the data run at the distilled run's wall-clock, linearly
     interpolated) and ``comparison.png`` into ``out``. Returns the table."""
-    from .ar_teacher import teacher_bits, train_teacher
-    from .pretrain import train
-
     out_dir = Path(out)
     teacher_config = replace(config, steps=teacher_steps,
                                          eval_every=teacher_steps)
@@ -150,22 +127,18 @@ def compare_distill(out: str, *, config: TrainConfig, teacher_steps: int, k: int
                      f"{at_clock:.3f}"))
     header = ["step", "data BPC", "distill BPC", "data s", "distill s",
               "data BPC at distill's s"]
-    table = write_table(out_dir / "comparison.md", header, rows)
+    table = markdown_table(header, rows)
     table += (f"\nteacher: {teacher_steps} steps, exact validation BPC {teacher_val:.3f}; "
               f"K={k}, tau={temperature}, taylor={taylor}; BPC = validation NELBO bits per "
               f"token (upper bound)\n")
-    (out_dir / "comparison.md").write_text(table)
+    write_text_atomic(out_dir / "comparison.md", table)
     _plot_comparison(data_curve, distill_curve, teacher_val, out_dir / "comparison.png")
     return table
 
 
 def _plot_comparison(data_curve: list, distill_curve: list, teacher_val: float,
                      path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for axis, column, label in ((axes[0], 0, "training step"), (axes[1], 1, "training seconds")):
         for curve, name in ((data_curve, "data-only pre-training"),
                             (distill_curve, "distillation (AR teacher)")):
@@ -174,5 +147,4 @@ def _plot_comparison(data_curve: list, distill_curve: list, teacher_val: float,
         axis.set(xlabel=label, ylabel="validation bits per token")
         axis.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -104,3 +104,17 @@ def evaluate_run(trained, *, time_samples: int = 8, max_sequences: int = 0, seed
             "stderr_bits": result.stderr_bits, "sequences": result.sequences,
             "time_samples": time_samples, "val_tokens": len(corpus.val),
             "unigram_bits": unigram, "bigram_bits": bigram}
+
+
+def format_evaluation(result: dict) -> str:
+    """The lines of an ``evaluate_run`` result, the NELBO set against the bigram entropy."""
+    return "\n".join([
+        f"validation split: {result['val_tokens']:,} tokens, {result['sequences']} sequences, "
+        f"{result['time_samples']} stratified times each",
+        f"  NELBO (this model)          {result['nelbo_bits']:.3f} +- "
+        f"{result['stderr_bits']:.3f} bits per token",
+        f"  bigram entropy H(x_i|x_i-1) {result['bigram_bits']:.3f} bits per token",
+        f"  unigram entropy H(x)        {result['unigram_bits']:.3f} bits per token",
+        f"  NELBO - bigram entropy      {result['nelbo_bits'] - result['bigram_bits']:+.3f} bits "
+        f"per token ({'below' if result['nelbo_bits'] < result['bigram_bits'] else 'not below'} "
+        "the bigram bar)"])

@@ -5,15 +5,12 @@ from pathlib import Path
 
 from .data import TokenCorpus, entropies
 from .progress import read_metrics
+from .report import pyplot, save_figure
 from .run import METRICS_FILE, read_config
 
 
 def plot_run(run_dir: Path, output: Path) -> Path:
     """Draw ``run_dir``'s metrics into ``output`` (PNG); returns the path written."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     records = read_metrics(run_dir / METRICS_FILE)
@@ -21,7 +18,7 @@ def plot_run(run_dir: Path, output: Path) -> Path:
     val = [r for r in records if "val_bits" in r]
     if not train:
         raise ValueError(f"{run_dir / METRICS_FILE} holds no training records yet")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4))
     steps = [r["step"] for r in train]
     losses = [r["loss"] for r in train]
     window = max(len(losses) // 50, 1)
@@ -41,7 +38,4 @@ def plot_run(run_dir: Path, output: Path) -> Path:
     right.set(xlabel="step", ylabel="bits per token", title="validation")
     right.legend()
     fig.tight_layout()
-    output = Path(output)
-    fig.savefig(output, dpi=100)
-    plt.close(fig)
-    return output
+    return save_figure(fig, output)

@@ -12,8 +12,16 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from .cli import DEFAULTS, _add_train_parser, _config_from_args, _positive
-from .run import ConfigError, TrainConfig
+from .ar_teacher import train_teacher
+from .beta_sweep import sweep_beta
+from .distill import DistillOptions, compare_distill, distill
+from .finetune import FinetuneOptions, finetune
+from .options import (DEFAULTS, add_train_options, config_from_args, positive, print_summary,
+                      run_config, session_from_args)
+from .rewards import REWARDS
+from .run import ConfigError
+from .topk_target import TAILS
+from .trainer import Session, train
 
 # Budgets of the report commands: minutes on a 2-core CPU.
 REPORT_CONFIG = replace(DEFAULTS, seq_len=32, d_model=64, n_layers=2, n_heads=4, batch_size=32,
@@ -21,69 +29,25 @@ REPORT_CONFIG = replace(DEFAULTS, seq_len=32, d_model=64, n_layers=2, n_heads=4,
                         ckpt_every=0)
 
 
-def _train_options_parser() -> argparse.ArgumentParser:
-    """The `tcsm train` parser (every TrainConfig option and the session options), to be used as
-    a parent so the post-training commands share its options and conventions."""
-    holder = argparse.ArgumentParser(add_help=False).add_subparsers()
-    _add_train_parser(holder)
-    return holder.choices["train"]
-
-
-def _session(args):
-    from .pretrain import Session
-
-    if args.log_every <= 0:
-        raise ConfigError(f"--log-every must be > 0; got {args.log_every}")
-    return Session(out=args.out, resume=args.resume, device=args.device, threads=args.threads,
-                   stop_after=args.stop_after, time_limit=args.time_limit,
-                   log_every=args.log_every, quiet=args.quiet)
-
-
-def _new_config(args):
-    """TrainConfig of a new run from the options given; None when resuming (the run's own
-    configuration is kept, so no configuration option may be given)."""
-    given = _config_from_args(args)
-    if args.resume is None:
-        return TrainConfig(**given)
-    if given:
-        raise ConfigError("a resumed run keeps its configuration; do not pass "
-                          + ", ".join("--" + k.replace("_", "-") for k in given))
-    return None
-
-
-def _print_summary(summary: dict) -> None:
-    status = "stopped early" if summary["stopped_early"] else "done"
-    print(f"{status}: step {summary['step']}/{summary['steps']}, loss {summary['loss']:.4f}, "
-          f"{summary['elapsed_s']:.0f} s")
-
-
 def _train_ar(args) -> int:
-    from .ar_teacher import train_teacher
-
-    _print_summary(train_teacher(_new_config(args), _session(args)))
+    print_summary(train_teacher(run_config(args), session_from_args(args)))
     return 0
 
 
 def _distill_options(args):
-    from .distill import DistillOptions
-
     return DistillOptions(args.teacher, args.k, args.temperature, args.taylor, args.tail)
 
 
 def _distill(args) -> int:
-    from .distill import distill
-
     if args.resume is None and args.teacher is None:
         raise ConfigError("--teacher is required for a new distillation run")
     options = None if args.resume is not None else _distill_options(args)
-    _print_summary(distill(_new_config(args), _session(args), options))
+    print_summary(distill(run_config(args), session_from_args(args), options))
     return 0
 
 
 def _compare_distill(args) -> int:
-    from .distill import compare_distill
-
-    given = _config_from_args(args)
+    given = config_from_args(args)
     config = replace(REPORT_CONFIG, **given)
     if config.eval_every <= 0:
         raise ConfigError("--eval-every must be > 0 for the comparison")
@@ -96,22 +60,16 @@ def _compare_distill(args) -> int:
 
 
 def _finetune(args) -> int:
-    from .pretrain import Session
-    from .reward import FinetuneOptions, finetune
-
     options = FinetuneOptions(args.ref, args.reward, args.beta, args.k, args.tail,
                               args.reward_steps)
     summary = finetune(options, Session(out=args.out, device=args.device, threads=args.threads,
                                         quiet=args.quiet),
                        steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    _print_summary(summary)
+    print_summary(summary)
     return 0
 
 
 def _sweep_beta(args) -> int:
-    from .pretrain import Session, train
-    from .reward import sweep_beta
-
     if not all(beta > 0 for beta in args.betas):
         raise ConfigError(f"--betas must all be > 0; got {args.betas}")
     reference = args.ref
@@ -128,13 +86,11 @@ def _sweep_beta(args) -> int:
 
 
 def _add_teacher_options(parser, teacher_required: bool) -> None:
-    from .distill import TAILS
-
     if teacher_required:
         parser.add_argument("--teacher", default=None, metavar="RUN_OR_CKPT",
                             help="`tcsm train-ar` run directory or checkpoint (new runs)")
-    parser.add_argument("--k", type=_positive(int), default=8, help="top-K teacher candidates")
-    parser.add_argument("--temperature", type=_positive(float), default=1.0,
+    parser.add_argument("--k", type=positive(int), default=8, help="top-K teacher candidates")
+    parser.add_argument("--temperature", type=positive(float), default=1.0,
                         help="teacher temperature tau")
     parser.add_argument("--taylor", action="store_true",
                         help="add the first-order future term (E_y - E_x) . g_i")
@@ -143,18 +99,15 @@ def _add_teacher_options(parser, teacher_required: bool) -> None:
 
 
 def _add_finetune_options(parser) -> None:
-    from .distill import TAILS
-    from .reward import REWARDS
-
     parser.add_argument("--reward", choices=REWARDS, default="vowels",
                         help="vowels: count of vowels (exact neighbour rewards); classifier: "
                              "log-odds of a corpus-half classifier (Taylor neighbour rewards)")
-    parser.add_argument("--steps", type=_positive(int), default=150)
-    parser.add_argument("--lr", type=_positive(float), default=1e-3)
-    parser.add_argument("--k", type=_positive(int), default=8,
+    parser.add_argument("--steps", type=positive(int), default=150)
+    parser.add_argument("--lr", type=positive(float), default=1e-3)
+    parser.add_argument("--k", type=positive(int), default=8,
                         help="candidates: top-K of the reference at each position")
     parser.add_argument("--tail", choices=TAILS, default="zero")
-    parser.add_argument("--reward-steps", type=_positive(int), default=200,
+    parser.add_argument("--reward-steps", type=positive(int), default=200,
                         help="training steps of the classifier reward")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quiet", action="store_true")
@@ -163,7 +116,8 @@ def _add_finetune_options(parser) -> None:
 def add_post_training_commands(subparsers) -> None:
     """Add train-ar, distill, compare-distill, finetune and sweep-beta to `tcsm`'s
     subparsers."""
-    train_options = _train_options_parser()
+    train_options = argparse.ArgumentParser(add_help=False)
+    add_train_options(train_options)
 
     p = subparsers.add_parser("train-ar", parents=[train_options], add_help=False,
                               help="train a causal (autoregressive) teacher",
@@ -184,7 +138,7 @@ def add_post_training_commands(subparsers) -> None:
                               description="Train an AR teacher, a data-only student and a "
                                           "distilled student with small budgets; write "
                                           "comparison.md and comparison.png into --out.")
-    p.add_argument("--teacher-steps", type=_positive(int), default=400)
+    p.add_argument("--teacher-steps", type=positive(int), default=400)
     _add_teacher_options(p, teacher_required=False)
     p.set_defaults(func=_compare_distill)
 
@@ -194,7 +148,7 @@ def add_post_training_commands(subparsers) -> None:
     p.add_argument("--ref", required=True, help="reference run directory (tcsm train/distill)")
     p.add_argument("--beta", type=float, required=True, help="reward temperature (> 0)")
     p.add_argument("--out", required=True, help="new run directory")
-    p.add_argument("--batch-size", type=_positive(int), default=None,
+    p.add_argument("--batch-size", type=positive(int), default=None,
                    help="default: the reference's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -207,9 +161,9 @@ def add_post_training_commands(subparsers) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--ref", default=None,
                    help="reference run (default: pre-train one in OUT/reference)")
-    p.add_argument("--ref-steps", type=_positive(int), default=600,
+    p.add_argument("--ref-steps", type=positive(int), default=600,
                    help="steps of the reference pre-trained when --ref is not given")
     p.add_argument("--betas", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
-    p.add_argument("--samples", type=_positive(int), default=64)
+    p.add_argument("--samples", type=positive(int), default=64)
     _add_finetune_options(p)
     p.set_defaults(func=_sweep_beta)

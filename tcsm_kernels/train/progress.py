@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+from .files import write_text_atomic
+
 
 def format_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
@@ -67,9 +69,7 @@ class MetricsLog:
             return
         keep = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(path: Path) -> list:

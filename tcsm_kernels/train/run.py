@@ -18,6 +18,7 @@ from ..processes import MaskedProcess, UniformProcess
 from ..schedules import SCHEDULES, get_schedule
 from . import checkpoint
 from .data import VOCABULARIES, TokenCorpus
+from .files import write_json_atomic
 from .model import Denoiser, DenoiserConfig
 
 PROCESSES = ("masked", "uniform")
@@ -110,7 +111,7 @@ class TrainConfig:
 
 
 def save_config(run_dir: Path, config: TrainConfig) -> None:
-    (Path(run_dir) / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=1))
+    write_json_atomic(Path(run_dir) / CONFIG_FILE, dataclasses.asdict(config))
 
 
 def read_config(run_dir: Path) -> TrainConfig:

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import read_windows, write_json_atomic
+from .data import read_windows
+from .files import write_json_atomic
 from .model import rotate
 from .progress import format_seconds
 

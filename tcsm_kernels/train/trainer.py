@@ -1,11 +1,9 @@
-"""Pre-training a diffusion LM with ``fused_tcsm_loss`` (data target), on one process or many.
+"""The training loop: a ``Trainer`` (pre-training with ``fused_tcsm_loss`` on the data target by
+default; subclasses swap the model or the step), run directories, sessions and resume.
 
-Each step draws its global batch (window starts, times, noise) from a generator keyed by
-(seed, step) alone, so the batch does not depend on the number of ranks or on whether the run
-was resumed: rank r of W reads rows [r B / W, (r + 1) B / W) of it and splits them into
-``grad_accum`` micro-batches. Every micro-batch loss is divided by the global normalizer
-(/ W, since DDP averages gradients over ranks), so the summed gradient equals that of the
-whole global batch at once.
+Each step's global batch comes from ``batches.make_batch`` (keyed by seed and step). Every
+micro-batch loss is divided by the global normalizer (/ W, since DDP averages gradients over
+ranks), so the summed gradient equals that of the whole global batch at once.
 """
 from __future__ import annotations
 
@@ -19,19 +17,19 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional, Type
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint, distributed
-from .data import DataError, TokenCorpus, batch_starts, prepare_corpus, read_windows, step_generator
+from .batches import make_batch
+from .data import DataError, TokenCorpus, prepare_corpus
 from .evaluate import nelbo_bits
+from .files import write_json_atomic
 from .progress import MetricsLog, ProgressBar
 from .run import (CHECKPOINT_DIR, METRICS_FILE, ConfigError, TrainConfig, autocast_dtype,
                   build_model, make_process, mask_token, read_config, resolve_device, save_config)
-
-IGNORE = -100
 
 
 @dataclass
@@ -62,54 +60,13 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def stratified_times(batch: int, generator: torch.Generator) -> torch.Tensor:
-    """(batch,) times t_i = (i + u) / batch with one uniform u: an even cover of [0, 1)."""
-    return (torch.arange(batch) + torch.rand(1, generator=generator)) / batch
-
-
-@dataclass
-class StepBatch:
-    """This rank's share of a global batch: model inputs, loss target and weight."""
-
-    x_t: torch.Tensor  # (b, L)
-    t: torch.Tensor  # (b,)
-    target: torch.Tensor  # (b, L), IGNORE where no loss
-    weight: Optional[torch.Tensor]  # (b, 1) or None
-    normalizer: float  # global normalizer / world size
-
-
-def make_batch(config: TrainConfig, corpus: TokenCorpus, process, step: int,
-               world: distributed.World) -> StepBatch:
-    """Global batch of ``step`` (CPU): every rank draws all of its random numbers, reads only
-    its own rows."""
-    generator = step_generator(config.seed, step)
-    global_batch, length = config.batch_size, config.seq_len
-    starts = batch_starts(len(corpus.train), global_batch, length, generator)
-    t = stratified_times(global_batch, generator)
-    per_rank = global_batch // world.size
-    rows = slice(world.rank * per_rank, (world.rank + 1) * per_rank)
-    x1 = torch.zeros(global_batch, length, dtype=torch.int64)
-    x1[rows] = read_windows(corpus.train, starts[rows], length)
-    x_t = process.sample(x1, t, generator=generator)
-    carries_loss = x_t == process.mask_id if config.masked else torch.ones_like(x_t, dtype=bool)
-    target = torch.where(carries_loss, x1, IGNORE)
-    if config.time_weight == "elbo":  # unbiased NELBO per token (nats)
-        weight = process.schedule.time_weight(t)[:, None]
-        normalizer = float(global_batch * length)
-    else:  # mean loss over the loss-carrying positions of the global batch
-        weight = None
-        normalizer = float(max(int(carries_loss.sum()), 1))
-    return StepBatch(x_t[rows], t[rows], target[rows],
-                     None if weight is None else weight[rows], normalizer / world.size)
-
-
 def check_new_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise ConfigError(f"--out {run_dir} already exists and is not empty; resume that run "
                           f"with --resume, or choose another --out")
 
 
-def _create_run(config: TrainConfig, run_dir: Path) -> None:
+def create_run(config: TrainConfig, run_dir: Path) -> None:
     """A new run directory with its corpus and config; on failure nothing is left behind."""
     check_new_run_dir(run_dir)
     created = not run_dir.exists()
@@ -123,15 +80,15 @@ def _create_run(config: TrainConfig, run_dir: Path) -> None:
         raise
 
 
-def _start_run(config: TrainConfig, run_dir: Path, world: distributed.World) -> None:
+def start_run(config: TrainConfig, run_dir: Path, world: distributed.World) -> None:
     """Rank 0 creates the run; with several ranks, all of them fail together."""
     if not world.distributed:
-        _create_run(config, run_dir)
+        create_run(config, run_dir)
         return
     error = None
     if world.is_main:
         try:
-            _create_run(config, run_dir)
+            create_run(config, run_dir)
         except (ConfigError, DataError, OSError) as err:
             error = str(err)
     error = distributed.share_error(world, error)
@@ -171,31 +128,12 @@ def open_session(config: Optional[TrainConfig], session: Session):
     return run_dir, resolve_device(session.device), config
 
 
-def train(config: Optional[TrainConfig], session: Session) -> dict:
-    """Train (or resume) the run in ``session.out``; returns a summary of the final step.
-
-    ``config`` is None when resuming (the run's saved config is used).
-    """
-    run_dir, device, config = open_session(config, session)
-    config.validate(int(os.environ.get("WORLD_SIZE", "1")), new_run=session.resume is None)
-    world = distributed.setup(device)
-    try:
-        state = None
-        if session.resume is None:
-            _start_run(config, run_dir, world)
-        else:
-            path = (run_dir / CHECKPOINT_DIR / checkpoint.LAST if session.resume == "last"
-                    else Path(session.resume))
-            state = checkpoint.load(path)
-        trainer = Trainer(config, session, run_dir, world)
-        if state is not None:
-            trainer.restore(state)
-        return trainer.run()
-    finally:
-        distributed.teardown(world)
+def resume_checkpoint(run_dir: Path, resume: str) -> Path:
+    """The checkpoint a ``--resume`` value names: "last" or a file path."""
+    return run_dir / CHECKPOINT_DIR / checkpoint.LAST if resume == "last" else Path(resume)
 
 
-def _param_groups(model, weight_decay: float):
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     """Weight decay on matrices only (not on norms or biases)."""
     decay = [p for p in model.parameters() if p.dim() == 2]
     rest = [p for p in model.parameters() if p.dim() != 2]
@@ -212,11 +150,7 @@ class Trainer:
         self.process = make_process(config, self.corpus)
         self.mask_id = mask_token(config, self.corpus)
         torch.manual_seed(config.seed)
-        self.model = build_model(config, self.corpus).to(world.device)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, config.weight_decay),
-                                           lr=config.lr, betas=(0.9, 0.99))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, WarmupCosine(config.warmup, config.steps, config.min_lr_ratio))
+        self.replace_model(build_model(config, self.corpus))
         self.metrics = MetricsLog(run_dir / METRICS_FILE, enabled=world.is_main)
         self.cast = autocast_dtype(config, world.device)
         self.tokens_per_step = config.batch_size * config.seq_len
@@ -225,6 +159,16 @@ class Trainer:
         self.last_loss = float("nan")
         self.started, self.first_step, self.eval_seconds = time.perf_counter(), 0, 0.0
         self.progress = ProgressBar(config.steps, 0, enabled=False)
+
+    def replace_model(self, model: torch.nn.Module) -> None:
+        """Train ``model`` with a new AdamW optimizer and warm-up/cosine schedule (frozen
+        parameters get no gradient, so AdamW leaves them alone)."""
+        config = self.config
+        self.model = model.to(self.world.device)
+        self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay),
+                                           lr=config.lr, betas=(0.9, 0.99))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, WarmupCosine(config.warmup, config.steps, config.min_lr_ratio))
 
     def restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -240,6 +184,23 @@ class Trainer:
     def elapsed(self) -> float:
         """Training seconds of the whole run, this invocation included."""
         return self.elapsed_before + time.perf_counter() - self.started
+
+    def apply_gradients(self, loss: torch.Tensor) -> None:
+        """Clip the accumulated gradients, take the optimizer and schedule step, and queue the
+        step's (detached) ``loss`` for the metrics log."""
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending.append((self.step, loss, lr, self.elapsed()))
+
+    def step_on_loss(self, loss: torch.Tensor) -> None:
+        """One-process optimizer step on a whole-batch ``loss``: backward, then
+        ``apply_gradients``."""
+        loss.backward()
+        self.apply_gradients(loss.detach())
 
     def train_step(self, ddp) -> None:
         """One optimizer step on the global batch of ``self.step + 1``."""
@@ -266,13 +227,7 @@ class Trainer:
                                        mask_id=self.mask_id, normalizer=batch.normalizer)
                 loss.backward()
             total += loss.detach()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.pending.append((self.step, total, lr, self.elapsed()))
+        self.apply_gradients(total)
 
     def tokens_per_second(self) -> float:
         seconds = time.perf_counter() - self.started - self.eval_seconds
@@ -347,3 +302,49 @@ class Trainer:
         return {"step": self.step, "steps": config.steps, "loss": self.last_loss,
                 "elapsed_s": self.elapsed(), "tokens_per_s": self.tokens_per_second(),
                 "stopped_early": self.step < config.steps}
+
+
+def run_trainer(trainer_class: Type[Trainer], config: TrainConfig, session: Session,
+                run_dir: Path, world: distributed.World, **trainer_options) -> dict:
+    """Build ``trainer_class`` on an existing run directory, restore the session's checkpoint
+    when resuming, and train; returns the summary."""
+    state = (None if session.resume is None
+             else checkpoint.load(resume_checkpoint(run_dir, session.resume)))
+    trainer = trainer_class(config, session, run_dir, world, **trainer_options)
+    if state is not None:
+        trainer.restore(state)
+    return trainer.run()
+
+
+def train(config: Optional[TrainConfig], session: Session) -> dict:
+    """Pre-train (or resume) the run in ``session.out`` on one process or many (torchrun);
+    returns a summary of the final step. ``config`` is None when resuming (the run's saved
+    config is used)."""
+    run_dir, device, config = open_session(config, session)
+    config.validate(int(os.environ.get("WORLD_SIZE", "1")), new_run=session.resume is None)
+    world = distributed.setup(device)
+    try:
+        if session.resume is None:
+            start_run(config, run_dir, world)
+        return run_trainer(Trainer, config, session, run_dir, world)
+    finally:
+        distributed.teardown(world)
+
+
+def train_single_process(trainer_class: Type[Trainer], config: Optional[TrainConfig],
+                         session: Session, run_files: Optional[Dict[str, dict]] = None,
+                         **trainer_options) -> dict:
+    """Create (or resume) a run in ``session.out`` on one process and train it with
+    ``trainer_class(config, session, run_dir, world, **trainer_options)``; ``run_files``
+    ({file name: JSON data}) are written into a new run beside its config."""
+    run_dir, device, config = open_session(config, session)
+    config.validate(new_run=session.resume is None)
+    if config.grad_accum != 1 or not config.masked:
+        raise ConfigError("this command runs on one process with --grad-accum 1 and --process "
+                          "masked")
+    if session.resume is None:
+        create_run(config, run_dir)
+        for name, data in (run_files or {}).items():
+            write_json_atomic(run_dir / name, data)
+    return run_trainer(trainer_class, config, session, run_dir,
+                       distributed.World(0, 1, device), **trainer_options)

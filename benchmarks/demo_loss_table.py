@@ -1,34 +1,35 @@
-"""Fused vs reference loss, forward + backward: median time and peak extra memory.
+"""Fused vs reference loss at the demo's shape, forward + backward, in this process: median time
+and peak extra memory. `tcsm demo` prints the time columns from its own helper
+(tcsm_kernels/train/loss_speed.py); this adds the memory the fused loss saves.
 
-Memory on CPU is the process's peak resident size during the call (Linux: the peak counter is
-reset through /proc/self/clear_refs just before) minus the resident size before it, so it counts
+    python benchmarks/demo_loss_table.py [--rows 4096] [--vocab 32768] [--repeats 3]
+
+Memory on CPU is the process's peak resident size during the call (the peak counter is reset
+through /proc/self/clear_refs just before) minus the resident size before it, so it counts
 everything the call allocates, the (N, V) gradient included. Large buffers are mapped and unmapped
 directly (glibc's mmap threshold), so nothing freed earlier hides in the allocator. On CUDA it is
-the allocator's peak above the memory allocated before the call.
+the allocator's peak above the memory allocated before the call. The full suite (run_all.py)
+measures memory in fresh processes instead.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
+import sys
 import time
 from typing import Callable, List, Optional
 
 import torch
 
-from .. import _backend, reference
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from memory_probe import reset_peak_rss, status_bytes  # noqa: E402
+
+from tcsm_kernels import _backend, fused_tcsm_loss, reference  # noqa: E402
 
 
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
+def peak_counter_resettable() -> bool:
     try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
+        reset_peak_rss()
         return True
     except OSError:
         return False
@@ -49,8 +50,8 @@ def measure(loss_fn: Callable, logits: torch.Tensor, target: torch.Tensor, repea
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         else:
-            measurable = _reset_peak()
-            before = _rss_bytes("VmRSS")
+            measurable = peak_counter_resettable()
+            before = status_bytes("VmRSS")
         start = time.perf_counter()
         loss_fn(logits, target, **options).backward()
         if cuda:
@@ -59,7 +60,7 @@ def measure(loss_fn: Callable, logits: torch.Tensor, target: torch.Tensor, repea
         if cuda:
             peak = torch.cuda.max_memory_allocated() - before
         else:
-            peak = _rss_bytes("VmHWM") - before if measurable else None
+            peak = status_bytes("VmHWM") - before if measurable else None
         if run:
             seconds.append(elapsed)
             extra.append(peak)
@@ -72,8 +73,6 @@ def loss_table(rows: int = 4096, vocab: int = 32768, repeats: int = 3,
                divergences=("kl", "gkl"), device: str = "cpu", seed: int = 0) -> List[dict]:
     """One row per divergence: fused and reference time and memory on float32 logits
     (rows, vocab) with random data targets."""
-    from ..ops.loss import fused_tcsm_loss
-
     generator = torch.Generator().manual_seed(seed)
     logits = torch.randn(rows, vocab, generator=generator).to(device).requires_grad_()
     target = torch.randint(0, vocab, (rows,), generator=generator).to(device)
@@ -106,3 +105,18 @@ def format_table(table: List[dict]) -> str:
                      f"{mib(fused['extra_bytes']):>10} {mib(ref['extra_bytes']):>9}  "
                      f"{row['backend']}")
     return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    print(format_table(loss_table(args.rows, args.vocab, args.repeats, device=args.device)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
