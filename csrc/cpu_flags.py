@@ -5,6 +5,10 @@ AVX-512 (F, VL, BW, DQ) when the CPU has it, else AVX2/FMA, else none (portable 
 The kernels are written once in plain loops and the compiler vectorises them for the ISA
 chosen here, so the extension runs only on CPUs with the build machine's features:
 TCSM_PORTABLE=1 builds for any x86-64.
+
+No debug information (-g0, overriding the -g of Python's own compile flags): for the
+torch-binding files most of the compile time goes to the debug information of torch's headers,
+and it does not change the generated code. TCSM_DEBUG=1 keeps it (-g), for gdb/perf.
 """
 import os
 import platform
@@ -30,7 +34,8 @@ def cpu_flags() -> list[str]:
 
 def compile_args() -> list[str]:
     """All flags of the C++ kernels' build (setup.py; benchmarks/ab_loss_kernel.py)."""
-    return ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"] + cpu_flags()
+    debug = "-g" if os.environ.get("TCSM_DEBUG") == "1" else "-g0"
+    return ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", debug] + cpu_flags()
 
 
 if __name__ == "__main__":
