@@ -150,7 +150,32 @@ struct Shape {
   float participating;  // V in the formulas: cols, or cols - 1 with a mask column
   float temperature;
   float max_log_ratio;
+  float lse_square_scale;
+  float label_smoothing;
+  const float* class_weight;  // (cols,) or null
+  float class_weight_sum;     // over the participating columns (V without class weights)
 };
+
+// What a row kernel returns: the row's loss before its weight, and the student's LSE (NaN
+// from the kernels whose loss never forms it).
+struct RowResult {
+  float loss;
+  float lse;
+};
+
+// z-loss (PaLM; Liger's lse_square_scale s): s LSE^2 per row, whose gradient is 2 s LSE p, so
+// it adds to the coefficient of p that every LSE-forming kernel already has. Off (s = 0), it
+// adds exact zeros, even where LSE is not finite.
+struct ZLoss {
+  float loss;   // s LSE^2
+  float slope;  // weight 2 s LSE: the coefficient of p in the weighted gradient
+};
+
+TCSM_INLINE ZLoss z_loss(const Shape& shape, float lse, float weight) {
+  const float s = shape.lse_square_scale;
+  if (s == 0.f) return {0.f, 0.f};
+  return {s * lse * lse, weight * 2.f * s * lse};
+}
 
 // One loss-carrying row with a valid target column a. The kernels copy the pointers into
 // locals before their column loops: GCC 12 otherwise reloads them from the struct in the loop
@@ -177,6 +202,9 @@ struct Scratch {
   std::vector<float> stash_student; // dense distrib: (cols,) exps of pass 1, cache-resident
   std::vector<float> stash_second;  //   between the passes (aligned_like the logits row)
   std::vector<float> out_block;     // dense distrib: (kTeacherBlock,) gradient block to stream out
+  std::vector<float> capped;        // softcap: (cols,) capped logits, then their gradient
+  std::vector<float> capped_slope;  //   and d capped / d logits (capped_row)
+  std::vector<float> wide_teacher;  //   and a bfloat16/float16 dense teacher row in float32
 };
 
 // The gradient can skip the cache: a row written to its own buffer is not read again here,
@@ -221,11 +249,14 @@ template <class Format>
 constexpr bool kStashExp = std::is_same_v<Format, Float32>;
 
 // Softmax pass 1 over the participating columns: online LSE and, when kShiftedSum,
-// sum_y (z_y - z_ref). Reads each z_k before (with kStash) writing grad_k.
-template <class Format, bool kShiftedSum, bool kStash = kStashExp<Format>>
+// sum_y (z_y - z_ref), or with kColumnWeighted sum_y w_y (z_y - z_ref) for the column weights
+// w. Reads each z_k before (with kStash) writing grad_k.
+template <class Format, bool kShiftedSum, bool kStash = kStashExp<Format>,
+          bool kColumnWeighted = false>
 OnlineLogSumExp softmax_stats(const typename Format::Storage* logits,
                               typename Format::Storage* grad, const Shape& shape,
-                              Scratch& scratch, float z_ref, double& shifted_sum) {
+                              Scratch& scratch, float z_ref, double& shifted_sum,
+                              const float* column_weight = nullptr) {
   OnlineLogSumExp stats;
   float* block_max = scratch.block_max.data();
   int64_t block = 0;
@@ -247,7 +278,9 @@ OnlineLogSumExp softmax_stats(const typename Format::Storage* logits,
       const float z = Format::widen(logits[k]);
       const float e = fast_exp(z - shift);
       block_sum += e;
-      if constexpr (kShiftedSum) block_shifted += z - z_ref;
+      if constexpr (kShiftedSum) {
+        block_shifted += kColumnWeighted ? column_weight[k] * (z - z_ref) : z - z_ref;
+      }
       if constexpr (kStash) grad[k] = e;
     }
     stats.sum += block_sum;
@@ -257,11 +290,13 @@ OnlineLogSumExp softmax_stats(const typename Format::Storage* logits,
 }
 
 // Softmax pass 2: grad = offset + slope * exp((z - z_max) - z_log_sum) on every participating
-// column (p itself for the row's own LSE); kFromStash rescales pass 1's stashed exps.
-template <class Format, bool kFromStash = kStashExp<Format>>
+// column (p itself for the row's own LSE), plus column_scale * w_k with kColumnWeighted;
+// kFromStash rescales pass 1's stashed exps.
+template <class Format, bool kFromStash = kStashExp<Format>, bool kColumnWeighted = false>
 void write_affine_softmax(const typename Format::Storage* logits, typename Format::Storage* grad,
                           const Shape& shape, const Scratch& scratch, float z_max,
-                          float z_log_sum, float offset, float slope) {
+                          float z_log_sum, float offset, float slope,
+                          const float* column_weight = nullptr, float column_scale = 0.f) {
   const float* block_max = scratch.block_max.data();
   int64_t block = 0;
   for_each_block<kBlock>(shape.ranges, logits, [&](int64_t begin, int64_t end) {
@@ -269,35 +304,69 @@ void write_affine_softmax(const typename Format::Storage* logits, typename Forma
       // p = exp(z - block max) * exp(block max - LSE)
       const float rescale = std::exp((block_max[block++] - z_max) - z_log_sum);
 #pragma omp simd
-      for (int64_t k = begin; k < end; ++k) grad[k] = offset + slope * (rescale * grad[k]);
+      for (int64_t k = begin; k < end; ++k) {
+        const float base = kColumnWeighted ? offset + column_scale * column_weight[k] : offset;
+        grad[k] = base + slope * (rescale * grad[k]);
+      }
     } else {
 #pragma omp simd
       for (int64_t k = begin; k < end; ++k) {
+        const float base = kColumnWeighted ? offset + column_scale * column_weight[k] : offset;
         const float p = fast_exp((Format::widen(logits[k]) - z_max) - z_log_sum);
-        grad[k] = Format::narrow(offset + slope * p);
+        grad[k] = Format::narrow(base + slope * p);
       }
     }
   });
 }
 
-// SPEC 4.1, data target. Pass 1: LSE and, for is/gkl, sum_y (z_y - z_a) (shifted by z_a so
-// that sum z - V LSE = sum (z - z_a) - V (LSE - z_a) does not cancel at large |z|).
-// Pass 2: grad = offset + slope * p on every column, then column a is overwritten (z_a was
-// read first).
-template <class Format, Divergence kDivergence>
-float data_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
+// How the data target's kl spreads its target over the columns (label_smoothing eps, class
+// weights w, w = 1 without them): kNone e_a (times w_a); kUniform (1 - eps) e_a + eps / V;
+// kClassWeighted F.cross_entropy(weight=w, label_smoothing=eps), whose target weighs column y
+// by (1 - eps) w_a [y = a] + (eps / V) w_y.
+enum class Smoothing { kNone, kUniform, kClassWeighted };
+
+// SPEC 4.1, data target. Pass 1: LSE and, for is/gkl and smoothing, sum_y (z_y - z_a)
+// (shifted by z_a so that sum z - V LSE = sum (z - z_a) - V (LSE - z_a) does not cancel at
+// large |z|). Pass 2: grad = offset + slope * p (- (eps/V) w_k) on every column, then column a
+// is overwritten (z_a was read first). A class weight w_a scales the divergence; the z-loss
+// is not class-weighted (as Liger's).
+template <class Format, Divergence kDivergence, Smoothing kSmoothing>
+RowResult data_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
+  static_assert(kSmoothing == Smoothing::kNone || kDivergence == Divergence::kKL);
+  constexpr bool kSmoothed = kSmoothing != Smoothing::kNone;
+  constexpr bool kColumnWeighted = kSmoothing == Smoothing::kClassWeighted;
   const auto* const logits = row.logits;
   auto* const grad = row.grad;
   const float z_a = Format::widen(logits[row.a]);
-  double shifted_sum = 0.0;  // sum_y (z_y - z_a)
-  const OnlineLogSumExp student_stats = softmax_stats<Format, kDivergence != Divergence::kKL>(
-      logits, grad, shape, scratch, z_a, shifted_sum);
+  double shifted_sum = 0.0;  // sum_y (z_y - z_a), class-weighted for kClassWeighted
+  const OnlineLogSumExp student_stats =
+      softmax_stats<Format, kDivergence != Divergence::kKL || kSmoothed, kStashExp<Format>,
+                    kColumnWeighted>(logits, grad, shape, scratch, z_a, shifted_sum,
+                                     shape.class_weight);
   const float log_inv_pa = (student_stats.max - z_a) + student_stats.log_sum();  // -log p_a
   const float pa_minus_one = std::expm1(-log_inv_pa);  // p_a - 1 without cancellation
+  const float lse = student_stats.max + student_stats.log_sum();
   const float v = shape.participating;
-  const float scale = row.weight / v;
+  const float class_a = shape.class_weight == nullptr ? 1.f : shape.class_weight[row.a];
+  const float w = row.weight * class_a;  // the divergence's weight
+  const float scale = w / v;
   // kl: loss LSE - z_a, grad p - e_a
-  float offset = 0.f, slope = row.weight, grad_a = row.weight * pa_minus_one, loss = log_inv_pa;
+  float offset = 0.f, slope = w, grad_a = w * pa_minus_one, loss = class_a * log_inv_pa;
+  float column_scale = 0.f;
+  if constexpr (kSmoothed) {
+    // With c_a = (1 - eps) w_a, e = eps / V and W = sum_y w_y (V unweighted):
+    // loss c_a (LSE - z_a) + e (W (LSE - z_a) - sum_y w_y (z_y - z_a)),
+    // grad (c_a + e W) p - c_a e_a - e w (uniform: the constant e).
+    const float c_a = (1.f - shape.label_smoothing) * class_a;
+    const float e = shape.label_smoothing / v;
+    const float total_weight = kColumnWeighted ? shape.class_weight_sum : v;
+    slope = row.weight * (c_a + e * total_weight);
+    grad_a = row.weight * (c_a * pa_minus_one + e * total_weight * std::exp(-log_inv_pa) -
+                           e * class_a);
+    (kColumnWeighted ? column_scale : offset) = -row.weight * e;
+    loss = c_a * log_inv_pa +
+           e * (total_weight * log_inv_pa - static_cast<float>(shifted_sum));
+  }
   if constexpr (kDivergence != Divergence::kKL) {
     const float inv_pa = clamped_exp(log_inv_pa, shape.max_log_ratio);  // 1/p_a, clamped
     offset = scale;
@@ -306,20 +375,22 @@ float data_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
       // i.e. (1 + p (1/p_a - V)) / V off a and (1 + 1/p_a (p_a - 1) - V p_a) / V at a.
       slope = scale * (inv_pa - v);
       grad_a = scale * (1.f + inv_pa * pa_minus_one - v * std::exp(-log_inv_pa));
-      loss = (inv_pa + static_cast<float>(shifted_sum) - v * log_inv_pa) / v;
+      loss = class_a * (inv_pa + static_cast<float>(shifted_sum) - v * log_inv_pa) / v;
     } else {
       // gkl: loss mean(z) - z_a + 1/(V p_a); grad 1/V + p / (V p_a) - e_a (1 + 1/(V p_a)),
       // at a: (1 - V + (p_a - 1) / p_a) / V.
       slope = scale * inv_pa;
       grad_a = scale * (1.f - v + inv_pa * pa_minus_one);
-      loss = (inv_pa + static_cast<float>(shifted_sum)) / v;
+      loss = class_a * (inv_pa + static_cast<float>(shifted_sum)) / v;
     }
   }
-  write_affine_softmax<Format>(logits, grad, shape, scratch, student_stats.max,
-                               student_stats.log_sum(), offset, slope);
-  grad[row.a] = Format::narrow(grad_a);
+  const ZLoss z = z_loss(shape, lse, row.weight);
+  write_affine_softmax<Format, kStashExp<Format>, kColumnWeighted>(
+      logits, grad, shape, scratch, student_stats.max, student_stats.log_sum(), offset,
+      slope + z.slope, shape.class_weight, column_scale);
+  grad[row.a] = Format::narrow(grad_a + z.slope * std::exp(-log_inv_pa));
   zero_mask_column<Format>(grad, shape);
-  return loss;
+  return {loss + z.loss, lse};
 }
 
 // u / tau for a dense teacher logit, rounded as the division rounds it; at tau = 1 (kUnitTau)
@@ -443,6 +514,7 @@ struct DistribGradient {
   float tau, inv_tau, limit;
   float z_max, z_log_sum, u_max, u_log_sum, max_gap, log_sum_gap;
   float inv_v, ratio_excess, weight;
+  float lse_slope;  // the z-loss's coefficient of p (ZLoss::slope)
 };
 
 // Pass 2 of dense_distrib_row: the gradient, from pass 1's stashed exps e (stash_student) and
@@ -452,7 +524,8 @@ struct DistribGradient {
 //   w grad = w (p - q) + (w/V)(1 - q/p + p (S - V))        (kl: first term; is: second)
 //          = (alpha e + gamma) - f (beta e + delta)
 // alpha = a w (1 + (S - V)/V) (kl: a w), beta = a b w (gkl only), gamma = w/V, delta = b w/V
-// (kl: b w), so a column takes three fmas on two cache-resident stash reads. Above the clamp,
+// (kl: b w), so a column takes three fmas on two cache-resident stash reads; the z-loss adds
+// its slope of p to alpha (times a). Above the clamp,
 // q/p and q are exps of their own, from z and u. With kStream (float32 gradient in its own
 // buffer) each block goes through out_block and is streamed to memory.
 template <class Format, Divergence kDivergence, bool kUnitTau, bool kStashedRatio, bool kStream>
@@ -469,6 +542,9 @@ void dense_distrib_gradient(const typename Format::Storage* logits,
   const float max_gap = coef.max_gap, log_sum_gap = coef.log_sum_gap;
   const float inv_v = coef.inv_v, ratio_excess = coef.ratio_excess, w = coef.weight;
   const float w_over_v = w * inv_v;
+  // Above the clamp the gradient is w (... + p (S - V) / V): the z-loss's slope of p joins it
+  // as lse_slope V / w in S - V.
+  const float excess_with_z = ratio_excess + coef.lse_slope / w_over_v;
   const float* const stash_student = aligned_like(scratch.stash_student, logits);
   const float* const stash_second = aligned_like(scratch.stash_second, logits);
   float* const out_block = line_aligned(scratch.out_block);
@@ -488,7 +564,7 @@ void dense_distrib_gradient(const typename Format::Storage* logits,
     if constexpr (kStashedRatio || !kHasIS) {
       const float kl_part = kHasKL ? w : 0.f;
       const float is_part = kHasIS ? w_over_v : 0.f;
-      const float alpha = rescale_p * (kl_part + is_part * ratio_excess);
+      const float alpha = rescale_p * (kl_part + is_part * ratio_excess + coef.lse_slope);
       const float beta = kHasKL && kHasIS ? rescale_p * rescale_second * w : 0.f;
       const float gamma = is_part;
       const float delta = rescale_second * (kHasIS ? w_over_v : w);
@@ -507,7 +583,7 @@ void dense_distrib_gradient(const typename Format::Storage* logits,
         const float u = teacher_over_tau<Format, kUnitTau>(teacher[k], tau, inv_tau);
         const float ratio_k = clamped_exp(minus_gap(u - z, max_gap, log_sum_gap), limit);
         // is: grad (1/V)(1 - q/p + p (S - V)); gkl adds kl's p - q
-        float grad_k = inv_v * ((1.f - ratio_k) + p * ratio_excess);
+        float grad_k = inv_v * ((1.f - ratio_k) + p * excess_with_z);
         if constexpr (kHasKL) grad_k += p - fast_exp_nonpositive((u - u_max) - u_log_sum);
         out[k - begin] = Format::narrow(w * grad_k);
       }
@@ -525,7 +601,7 @@ void dense_distrib_gradient(const typename Format::Storage* logits,
 // clamp. The stashes are per-thread rows that stay in cache, so a gradient written over the
 // logits equals one written to its own buffer, bit for bit.
 template <class Format, Divergence kDivergence, bool kUnitTau>
-float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
+RowResult dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
   const auto* const logits = row.logits;
   const auto* const teacher = row.teacher;
   auto* const grad = row.grad;
@@ -613,8 +689,11 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scr
     }
   }
   const float ratio_excess = static_cast<float>(excess);
-  const DistribGradient coef{tau,     inv_tau, limit,   z_max,        z_log_sum, u_max,
-                             u_log_sum, max_gap, log_sum_gap, 1.f / v, ratio_excess, row.weight};
+  const float lse = z_max + z_log_sum;
+  const ZLoss z = z_loss(shape, lse, row.weight);
+  const DistribGradient coef{tau,       inv_tau, limit,       z_max,   z_log_sum,
+                             u_max,     u_log_sum, max_gap,   log_sum_gap, 1.f / v,
+                             ratio_excess, row.weight, z.slope};
   // With no r_y above the clamp, q/p = exp(r) comes from the stash and gkl's q = p exp(r).
   // Where p flushes to 0 (below FLT_MIN), q = p exp(r) < e^limit FLT_MIN flushes with it.
   constexpr bool kStreamable = kCanStream && std::is_same_v<Format, Float32>;
@@ -641,7 +720,7 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scr
   if constexpr (kHasIS) {
     loss += (excess - divergence_sums.pivoted) / v - pivot_gap;
   }
-  return static_cast<float>(loss);
+  return {static_cast<float>(loss) + z.loss, lse};
 }
 
 // SPEC 4.3, dense teacher, score objective, gkl: (1/V) GKL(q/q_a, p/p_a). With clamped
@@ -649,7 +728,7 @@ float dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scr
 // loss (1/V)[(KL(q||p) - log q_a + log p_a)/q_a - 1/q_a + 1/p_a]; grad (1/V)[p/p_a - q/q_a]
 // off a and (1/V)[(1 - q_a)/q_a - (1 - p_a)/p_a] at a. Pass 1: both LSEs; pass 2: grad, KL.
 template <class Format>
-float dense_score_gkl_row(const Row<Format>& row, const Shape& shape, Scratch&) {
+RowResult dense_score_gkl_row(const Row<Format>& row, const Shape& shape, Scratch&) {
   const auto* const logits = row.logits;
   const auto* const teacher = row.teacher;
   auto* const grad = row.grad;
@@ -688,6 +767,8 @@ float dense_score_gkl_row(const Row<Format>& row, const Shape& shape, Scratch&) 
   const float inv_qa = clamped_exp(log_inv_qa, shape.max_log_ratio);
   const float v = shape.participating;
   const float scale = row.weight / v;
+  const ZLoss z = z_loss(shape, z_max + z_log_sum, row.weight);
+  const float p_coef = scale * inv_pa + z.slope, q_coef = scale * inv_qa;
   double kl_sum = 0.0;
   for_each_block<kTeacherBlock>(shape.ranges, logits, [&](int64_t begin, int64_t end) {
     float block_kl = 0.f;
@@ -699,16 +780,18 @@ float dense_score_gkl_row(const Row<Format>& row, const Shape& shape, Scratch&) 
       const float q = fast_exp((u - u_max) - u_log_sum);
       const float r = minus_gap(u - z, max_gap, log_sum_gap);
       block_kl += q > 0.f ? q * r : 0.f;  // 0 log 0 = 0 (u = -inf)
-      grad[k] = Format::narrow(scale * (p * inv_pa - q * inv_qa));
+      grad[k] = Format::narrow(p * p_coef - q * q_coef);
     }
     kl_sum += block_kl;
   });
   const float one_minus_qa = -std::expm1(-log_inv_qa);
   const float one_minus_pa = -std::expm1(-log_inv_pa);
-  grad[row.a] = Format::narrow(scale * (one_minus_qa * inv_qa - one_minus_pa * inv_pa));
+  grad[row.a] = Format::narrow(scale * (one_minus_qa * inv_qa - one_minus_pa * inv_pa) +
+                               z.slope * std::exp(-log_inv_pa));
   zero_mask_column<Format>(grad, shape);
   const float kl = static_cast<float>(kl_sum);
-  return ((kl + log_inv_qa - log_inv_pa) * inv_qa - inv_qa + inv_pa) / v;
+  return {((kl + log_inv_qa - log_inv_pa) * inv_qa - inv_qa + inv_pa) / v + z.loss,
+          z_max + z_log_sum};
 }
 
 // SPEC 4.3, dense teacher, score objective, is: (1/V) IS(q/q_a, p/p_a) with
@@ -716,7 +799,7 @@ float dense_score_gkl_row(const Row<Format>& row, const Shape& shape, Scratch&) 
 // grad_k = (1/V)[1 - exp(r_k) + [k = a] sum_y (exp(r_y) - 1)]. No row statistic is needed
 // off a, so one pass writes the gradient and column a is overwritten after it.
 template <class Format>
-float dense_score_is_row(const Row<Format>& row, const Shape& shape, Scratch&) {
+RowResult dense_score_is_row(const Row<Format>& row, const Shape& shape, Scratch&) {
   const auto* const logits = row.logits;
   const auto* const teacher = row.teacher;
   auto* const grad = row.grad;
@@ -743,7 +826,7 @@ float dense_score_is_row(const Row<Format>& row, const Shape& shape, Scratch&) {
   });
   grad[row.a] = Format::narrow(scale * static_cast<float>(excess_sum));
   zero_mask_column<Format>(grad, shape);
-  return static_cast<float>(loss_sum) / v;
+  return {static_cast<float>(loss_sum) / v, kNaN};
 }
 
 // SPEC 4.4, sparse (top-K) teacher, score objective. B_y = exp(z_y - z_a), A_y = exp(rho_y),
@@ -756,9 +839,9 @@ float dense_score_is_row(const Row<Format>& row, const Shape& shape, Scratch&) {
 //                column, -(1/V)(1 - p_a)/p_a at a.
 // Coefficients are summed per column in float32 (column_coef) so that B_k - A_k and duplicate
 // entries are formed before rounding; tails other than zero never pass over the columns except
-// to zero the gradient row.
+// to zero the gradient row (and never form the LSE: is and the ignore tail are LSE-free).
 template <class Format, Divergence kDivergence, Tail kTail>
-float sparse_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
+RowResult sparse_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
   const auto* const logits = row.logits;
   auto* const grad = row.grad;
   constexpr bool kDenseTail = kDivergence == Divergence::kGKL && kTail == Tail::kZero;
@@ -799,16 +882,20 @@ float sparse_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
   const float scale = row.weight / v;
   float grad_a = scale * coef_sum;
   OnlineLogSumExp student_stats;
-  float inv_pa = 0.f;
+  float inv_pa = 0.f, lse = kNaN;
+  ZLoss z{0.f, 0.f};
   if constexpr (kDenseTail) {
     double unused_sum = 0.0;
     student_stats = softmax_stats<Format, false>(logits, grad, shape, scratch, 0.f, unused_sum);
     const float log_inv_pa = (student_stats.max - z_a) + student_stats.log_sum();
+    lse = student_stats.max + student_stats.log_sum();
+    z = z_loss(shape, lse, row.weight);
     inv_pa = clamped_exp(log_inv_pa, limit);
     loss_sum += inv_pa - 1.f;
     write_affine_softmax<Format>(logits, grad, shape, scratch, student_stats.max,
-                                 student_stats.log_sum(), 0.f, scale * inv_pa);
-    grad_a = scale * (coef_sum + inv_pa * std::expm1(-log_inv_pa));
+                                 student_stats.log_sum(), 0.f, scale * inv_pa + z.slope);
+    grad_a = scale * (coef_sum + inv_pa * std::expm1(-log_inv_pa)) +
+             z.slope * std::exp(-log_inv_pa);
     zero_mask_column<Format>(grad, shape);
   } else {
     std::memset(grad, 0, sizeof(*grad) * static_cast<size_t>(shape.cols));
@@ -818,15 +905,14 @@ float sparse_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
   for (int64_t j = 0; j < shape.topk; ++j) {
     const int64_t y = row.topk_index[j];
     if (y == row.a || y == shape.mask_id) continue;
-    float dense_part = 0.f;  // (1/p_a) p_y, from the z_y read above
-    if constexpr (kDenseTail) {
-      dense_part = inv_pa * fast_exp((entry_logit[j] - z_max) - z_log_sum);
-    }
-    grad[y] = Format::narrow(scale * (dense_part - column_coef[y]));
+    float p_y = 0.f;  // from the z_y read above
+    if constexpr (kDenseTail) p_y = fast_exp((entry_logit[j] - z_max) - z_log_sum);
+    // (1/p_a) p_y is the dense tail's part
+    grad[y] = Format::narrow(scale * (inv_pa * p_y - column_coef[y]) + z.slope * p_y);
   }
   for (int64_t j = 0; j < shape.topk; ++j) column_coef[row.topk_index[j]] = 0.f;
   grad[row.a] = Format::narrow(grad_a);
-  return static_cast<float>(loss_sum) / v;
+  return {static_cast<float>(loss_sum) / v + z.loss, lse};
 }
 
 // Below this student mass on S, 1 - P_S from the gathered p_y keeps all but a bit of its
@@ -872,7 +958,7 @@ double rest_log_sum_exp(const typename Format::Storage* logits, const Shape& sha
 // checked mode) still gets one deterministic value. Pass 1: LSE; pass 2: the gradient, plus a
 // pass for the rest's mass when P_S > kExactRestAbove.
 template <class Format, Divergence kDivergence, Tail kTail>
-float sparse_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
+RowResult sparse_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& scratch) {
   constexpr bool kHasKL = kDivergence != Divergence::kIS;
   constexpr bool kHasIS = kDivergence != Divergence::kKL;
   constexpr bool kRenormalize = kTail == Tail::kRenormalize;
@@ -905,6 +991,8 @@ float sparse_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& sc
   const float log_sum = stats.log_sum();
   const float v = shape.participating;
   const float w = row.weight, w_over_v = row.weight / v;
+  const float lse = z_max + log_sum;
+  const ZLoss z = z_loss(shape, lse, row.weight);
 
   // Rest cell (tail zero): its two masses, whether it exists, and its ratio.
   const bool rest_nonempty = static_cast<float>(distinct) < v;
@@ -971,13 +1059,14 @@ float sparse_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& sc
   const float total_mass = static_cast<float>(cell_mass);
   const float cell_excess = static_cast<float>(excess);
 
-  // Pass 2: every participating column as if off S (renormalize: p itself), then S.
+  // Pass 2: every participating column as if off S (renormalize: p itself), then S. The
+  // z-loss's z.slope p is, off S, z.slope p_R exp(z - LSE_R).
   if constexpr (kRenormalize) {
     write_affine_softmax<Format, kStashExp<Format>>(logits, grad, shape, scratch, z_max,
-                                                    log_sum, 0.f, w * total_mass);
+                                                    log_sum, 0.f, w * total_mass + z.slope);
   } else {
     const float p_rest = static_cast<float>(std::exp(log_p_rest));
-    float rest_coef = 0.f;
+    float rest_coef = z.slope * p_rest;
     if constexpr (kHasKL) rest_coef += w * (total_mass * p_rest - q_rest);
     if constexpr (kHasIS) {
       rest_coef += w_over_v * ((rest_is_cell ? 1.f - r_rest : 0.f) - p_rest * cell_excess);
@@ -997,7 +1086,7 @@ float sparse_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& sc
     const int64_t y = row.topk_index[j];
     if (y == shape.mask_id) continue;
     const float p = fast_exp((entry_logit[j] - z_max) - log_sum);
-    float column_term = 0.f;
+    float column_term = z.slope * p;
     if constexpr (kHasKL) column_term += w * total_mass * p;
     if constexpr (kHasIS) column_term -= w_over_v * p * cell_excess;
     grad[y] = Format::narrow(column_term + column_coef[y]);
@@ -1008,11 +1097,11 @@ float sparse_distrib_row(const Row<Format>& row, const Shape& shape, Scratch& sc
     column_coef[y] = 0.f;
     in_rest[y] = 1.f;
   }
-  return static_cast<float>((kHasKL ? kl : 0.0) + (kHasIS ? is / v : 0.0));
+  return {static_cast<float>((kHasKL ? kl : 0.0) + (kHasIS ? is / v : 0.0)) + z.loss, lse};
 }
 
 template <class Format>
-using RowKernel = float (*)(const Row<Format>&, const Shape&, Scratch&);
+using RowKernel = RowResult (*)(const Row<Format>&, const Shape&, Scratch&);
 
 template <class Format>
 RowKernel<Format> select_kernel(const LossProblem& problem) {
@@ -1043,9 +1132,85 @@ RowKernel<Format> select_kernel(const LossProblem& problem) {
     if (d == Divergence::kIS) return &dense_distrib_row<Format, Divergence::kIS, false>;
     return &dense_distrib_row<Format, Divergence::kGKL, false>;
   }
-  if (d == Divergence::kKL) return &data_row<Format, Divergence::kKL>;
-  if (d == Divergence::kIS) return &data_row<Format, Divergence::kIS>;
-  return &data_row<Format, Divergence::kGKL>;
+  if (problem.label_smoothing > 0.f) {
+    return problem.class_weight == nullptr
+               ? &data_row<Format, Divergence::kKL, Smoothing::kUniform>
+               : &data_row<Format, Divergence::kKL, Smoothing::kClassWeighted>;
+  }
+  if (d == Divergence::kKL) return &data_row<Format, Divergence::kKL, Smoothing::kNone>;
+  if (d == Divergence::kIS) return &data_row<Format, Divergence::kIS, Smoothing::kNone>;
+  return &data_row<Format, Divergence::kGKL, Smoothing::kNone>;
+}
+
+// tanh(y) and its derivative 1 - tanh^2(y), branch-free and accurate to a few float32 ulps:
+// |y| < 1/2: the odd Taylor series to y^17 (the next term is below 2^-30 relative); else
+// tanh|y| = (1 - t) / (1 + t) and 1 - tanh^2 = 4t / (1 + t)^2 with t = exp(-2|y|), neither
+// of which cancels where tanh is near 1. y = +-inf gives +-1 and 0.
+struct TanhAndSlope {
+  float tanh, slope;
+};
+
+TCSM_INLINE TanhAndSlope tanh_and_slope(float y) {
+  // tanh y / y = 1 - y^2/3 + 2y^4/15 - 17y^6/315 + ..., coefficients rounded from double
+  constexpr float c1 = static_cast<float>(-1.0 / 3.0), c2 = static_cast<float>(2.0 / 15.0);
+  constexpr float c3 = static_cast<float>(-17.0 / 315.0);
+  constexpr float c4 = static_cast<float>(62.0 / 2835.0);
+  constexpr float c5 = static_cast<float>(-1382.0 / 155925.0);
+  constexpr float c6 = static_cast<float>(21844.0 / 6081075.0);
+  constexpr float c7 = static_cast<float>(-929569.0 / 638512875.0);
+  constexpr float c8 = static_cast<float>(6404582.0 / 10854718875.0);
+  const float y2 = y * y;
+  float series = std::fma(c8, y2, c7);
+  series = std::fma(series, y2, c6);
+  series = std::fma(series, y2, c5);
+  series = std::fma(series, y2, c4);
+  series = std::fma(series, y2, c3);
+  series = std::fma(series, y2, c2);
+  series = std::fma(series, y2, c1);
+  series = std::fma(series, y2, 1.f);
+  const float near_zero = y * series;
+  const float t = fast_exp(-2.f * std::fabs(y));
+  const float far = std::copysign((1.f - t) / (1.f + t), y);
+  const bool small = std::fabs(y) < 0.5f;
+  return {small ? near_zero : far,
+          small ? 1.f - near_zero * near_zero : 4.f * t / ((1.f + t) * (1.f + t))};
+}
+
+// softcap c (Gemma; Liger's and CCE's softcap): the loss sees z = c tanh(x / c) and
+// d loss / dx = (1 - tanh^2(x / c)) d loss / dz. The row is capped into a float32 row of the
+// thread's own, the float32 kernel runs on it in place, and the chain rule's slope turns its
+// gradient into the row's: one tanh per element, the extra reads and writes in cache. A
+// bfloat16/float16 dense teacher is widened into a float32 row alongside (exactly).
+template <class Format>
+RowResult capped_row(const Row<Format>& row, const Shape& shape, Scratch& scratch,
+                     RowKernel<Float32> kernel, float softcap) {
+  const auto* const logits = row.logits;
+  auto* const grad = row.grad;
+  float* const capped = line_aligned(scratch.capped);
+  float* const slope = line_aligned(scratch.capped_slope);
+  const float inv_softcap = 1.f / softcap;
+#pragma omp simd
+  for (int64_t k = 0; k < shape.cols; ++k) {
+    const TanhAndSlope t = tanh_and_slope(divide(Format::widen(logits[k]), softcap, inv_softcap));
+    capped[k] = softcap * t.tanh;
+    slope[k] = t.slope;
+  }
+  const float* teacher = nullptr;
+  if constexpr (std::is_same_v<Format, Float32>) {
+    teacher = row.teacher;
+  } else if (row.teacher != nullptr) {
+    float* const wide = line_aligned(scratch.wide_teacher);
+    const auto* const narrow_teacher = row.teacher;
+#pragma omp simd
+    for (int64_t k = 0; k < shape.cols; ++k) wide[k] = Format::widen(narrow_teacher[k]);
+    teacher = wide;
+  }
+  const Row<Float32> staged{capped, teacher, row.topk_index, row.topk_value,
+                            capped, row.a,   row.weight};
+  const RowResult result = kernel(staged, shape, scratch);
+#pragma omp simd
+  for (int64_t k = 0; k < shape.cols; ++k) grad[k] = Format::narrow(slope[k] * capped[k]);
+  return result;
 }
 
 // A loss-carrying row reads only ids in [0, cols): the target (never the mask column) and,
@@ -1064,13 +1229,27 @@ template <class Format>
 void run(const LossProblem& problem) {
   using Storage = typename Format::Storage;
   const RowKernel<Format> kernel = select_kernel<Format>(problem);
+  const bool softcap = problem.softcap > 0.f;
+  const RowKernel<Float32> capped_kernel = select_kernel<Float32>(problem);  // see capped_row
+  const float participating =
+      static_cast<float>(problem.mask_id >= 0 ? problem.cols - 1 : problem.cols);
+  double class_weight_sum = 0.0;
+  if (problem.class_weight != nullptr) {
+    for (int64_t k = 0; k < problem.cols; ++k) {
+      if (k != problem.mask_id) class_weight_sum += problem.class_weight[k];
+    }
+  }
   const Shape shape{problem.cols,
                     problem.mask_id,
                     problem.topk_indices == nullptr ? 0 : problem.topk,
                     participating_columns(problem.cols, problem.mask_id),
-                    static_cast<float>(problem.mask_id >= 0 ? problem.cols - 1 : problem.cols),
+                    participating,
                     problem.temperature,
-                    problem.max_log_ratio};
+                    problem.max_log_ratio,
+                    problem.lse_square_scale,
+                    problem.label_smoothing,
+                    problem.class_weight,
+                    static_cast<float>(class_weight_sum)};
   const auto* logits = static_cast<const Storage*>(problem.logits);
   const auto* teacher = static_cast<const Storage*>(problem.teacher_logits);
   auto* grad = static_cast<Storage*>(problem.grad);
@@ -1090,6 +1269,13 @@ void run(const LossProblem& problem) {
       scratch.stash_second.resize(static_cast<size_t>(shape.cols + 32));
       scratch.out_block.resize(static_cast<size_t>(kTeacherBlock + 16));
     }
+    if (softcap) {
+      scratch.capped.resize(static_cast<size_t>(shape.cols + 16));
+      scratch.capped_slope.resize(static_cast<size_t>(shape.cols + 16));
+      if (teacher != nullptr && !std::is_same_v<Format, Float32>) {
+        scratch.wide_teacher.resize(static_cast<size_t>(shape.cols + 16));
+      }
+    }
     if (sparse) {
       scratch.column_coef.assign(static_cast<size_t>(shape.cols), 0.f);
       scratch.entry_logit.resize(static_cast<size_t>(shape.topk));
@@ -1106,6 +1292,7 @@ void run(const LossProblem& problem) {
       if (!carries_loss || !row_ids_valid(problem, n, a)) {
         std::memset(g, 0, sizeof(Storage) * static_cast<size_t>(shape.cols));
         problem.loss[n] = carries_loss ? kNaN : 0.f;
+        if (problem.lse != nullptr) problem.lse[n] = 0.f;
         continue;
       }
       const Row<Format> row{logits + n * problem.logits_row_stride,
@@ -1115,7 +1302,11 @@ void run(const LossProblem& problem) {
                             g,
                             a,
                             weight};
-      problem.loss[n] = weight * kernel(row, shape, scratch);
+      const RowResult result = softcap
+                                   ? capped_row(row, shape, scratch, capped_kernel, problem.softcap)
+                                   : kernel(row, shape, scratch);
+      problem.loss[n] = weight * result.loss;
+      if (problem.lse != nullptr) problem.lse[n] = result.lse;
     }
   }
 }

@@ -39,12 +39,20 @@ struct LossProblem {
   int64_t ignore_index;
   float max_log_ratio;  // clamp of the exponents that can overflow (SPEC 4.5)
   int threads;          // OpenMP threads over rows; 0: the OpenMP default
+  // Options, all off at zero / null (tcsm_kernels.loss_options.LossOptions).
+  float softcap;           // > 0: the loss sees softcap * tanh(logits / softcap)
+  float lse_square_scale;  // z-loss: + scale * LSE^2 per row, times the row weight
+  float label_smoothing;   // data target, kl: (1 - eps) CE + eps mean_y(-log p_y)
+  const float* class_weight;  // data target: (cols,) weights of F.cross_entropy, or null
+  float* lse;  // (rows,) output, or null: the student's row LSE (0 on rows not computed)
 };
 
 // Rows whose (non-ignored) target is outside [0, cols) or equal to mask_id, or whose top-K ids
 // leave [0, cols), get a NaN loss and a zero gradient; nothing out of bounds is read.
 // The caller passes only combinations of tcsm_kernels.loss_options.LOSS_CASES (kl has no score
-// objective, renormalize is distrib kl only); the op binding rejects the others.
+// objective, renormalize is distrib kl only; the z-loss and lse only where the loss forms the
+// LSE, smoothing and class weights only for the data target); the op binding rejects the
+// others.
 void tcsm_loss(const LossProblem& problem);
 
 }  // namespace tcsm

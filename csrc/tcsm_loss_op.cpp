@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <tuple>
 
 #include "storage_op.h"
 #include "tcsm_loss.h"
@@ -42,14 +43,23 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "tcsm_loss_cpu: ", name, " must be a CPU tensor");
 }
 
-at::Tensor tcsm_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
-                         const std::optional<at::Tensor>& weight,
-                         const std::optional<at::Tensor>& teacher_logits,
-                         const std::optional<at::Tensor>& topk_indices,
-                         const std::optional<at::Tensor>& topk_values, at::Tensor& grad,
-                         c10::string_view divergence, c10::string_view objective,
-                         c10::string_view tail, int64_t mask_id, double temperature,
-                         int64_t ignore_index, double max_log_ratio) {
+// The loss forms the student's LSE (for the z-loss and the returned lse) in every case but
+// those invariant to a shift of the logits: score is, and the top-K score tail ignore.
+bool forms_lse(const tcsm::LossProblem& problem, bool teacher) {
+  if (problem.objective == tcsm::Objective::kDistrib || !teacher) return true;
+  if (problem.divergence == tcsm::Divergence::kIS) return false;
+  return problem.topk_indices == nullptr || problem.tail == tcsm::Tail::kZero;
+}
+
+std::tuple<at::Tensor, at::Tensor> tcsm_loss_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& class_weight,
+    const std::optional<at::Tensor>& teacher_logits,
+    const std::optional<at::Tensor>& topk_indices, const std::optional<at::Tensor>& topk_values,
+    at::Tensor& grad, c10::string_view divergence, c10::string_view objective,
+    c10::string_view tail, int64_t mask_id, double temperature, int64_t ignore_index,
+    double max_log_ratio, double softcap, double lse_square_scale, double label_smoothing,
+    bool return_lse) {
   TORCH_CHECK(logits.dim() == 2, "tcsm_loss_cpu: logits must be (N, V)");
   check_cpu(logits, "logits");
   const int64_t rows = logits.size(0);
@@ -145,20 +155,48 @@ at::Tensor tcsm_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
   problem.grad = grad.data_ptr();
   problem.grad_row_stride = grad.stride(0);
 
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0,
+              "tcsm_loss_cpu: softcap must be finite and >= 0 (0: off)");
+  TORCH_CHECK(std::isfinite(lse_square_scale) && lse_square_scale >= 0,
+              "tcsm_loss_cpu: lse_square_scale must be finite and >= 0");
+  TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1,
+              "tcsm_loss_cpu: label_smoothing must lie in [0, 1]");
+  problem.softcap = static_cast<float>(softcap);
+  problem.lse_square_scale = static_cast<float>(lse_square_scale);
+  problem.label_smoothing = static_cast<float>(label_smoothing);
+  const bool teacher = problem.teacher_logits != nullptr || problem.topk_indices != nullptr;
+  TORCH_CHECK(!(lse_square_scale > 0 || return_lse) || forms_lse(problem, teacher),
+              "tcsm_loss_cpu: lse_square_scale and return_lse need a loss that forms the LSE");
+  TORCH_CHECK(label_smoothing == 0 || (!teacher && problem.divergence == tcsm::Divergence::kKL),
+              "tcsm_loss_cpu: label_smoothing is defined for the data target's kl only");
+  at::Tensor class_weight_rows;
+  if (class_weight.has_value()) {
+    TORCH_CHECK(!teacher, "tcsm_loss_cpu: class_weight applies to the data target only");
+    TORCH_CHECK(class_weight->dim() == 1 && class_weight->size(0) == cols &&
+                    class_weight->scalar_type() == at::kFloat,
+                "tcsm_loss_cpu: class_weight must be (V,) float32");
+    check_cpu(*class_weight, "class_weight");
+    class_weight_rows = class_weight->contiguous();
+    problem.class_weight = class_weight_rows.data_ptr<float>();
+  }
+
   at::Tensor loss = at::empty({rows}, logits.options().dtype(at::kFloat));
   problem.loss = loss.data_ptr<float>();
+  at::Tensor lse = at::empty({return_lse ? rows : 0}, logits.options().dtype(at::kFloat));
+  if (return_lse) problem.lse = lse.data_ptr<float>();
   if (rows > 0) tcsm::tcsm_loss(problem);
-  return loss;
+  return {loss, lse};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tcsm, m) {
   m.def(
-      "tcsm_loss_cpu(Tensor logits, Tensor target, Tensor? weight, Tensor? teacher_logits, "
-      "Tensor? topk_indices, Tensor? topk_values, Tensor(a!) grad, str divergence, "
-      "str objective, str tail, int mask_id, float temperature, int ignore_index, "
-      "float max_log_ratio) -> Tensor");
+      "tcsm_loss_cpu(Tensor logits, Tensor target, Tensor? weight, Tensor? class_weight, "
+      "Tensor? teacher_logits, Tensor? topk_indices, Tensor? topk_values, Tensor(a!) grad, "
+      "str divergence, str objective, str tail, int mask_id, float temperature, "
+      "int ignore_index, float max_log_ratio, float softcap, float lse_square_scale, "
+      "float label_smoothing, bool return_lse) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tcsm, CPU, m) { m.impl("tcsm_loss_cpu", &tcsm_loss_cpu); }

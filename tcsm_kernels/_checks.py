@@ -132,7 +132,8 @@ def finite_rows(row_values: torch.Tensor, inputs, check: bool) -> None:
 @dataclass
 class LossInputs:
     """Loss inputs flattened to rows: logits (N, V), target (N,), weight (N,) or None, a
-    teacher (dense (N, V) logits, or top-K indices and values (N, K)) and the table row."""
+    teacher (dense (N, V) logits, or top-K indices and values (N, K)), the table row, and the
+    data target's class weights (V,) or None."""
 
     logits: torch.Tensor
     target: torch.Tensor
@@ -143,6 +144,7 @@ class LossInputs:
     batch_shape: Tuple[int, ...]
     vocab: int
     case: LossCase
+    class_weight: Optional[torch.Tensor] = None
 
     @property
     def kind(self) -> str:
@@ -211,8 +213,35 @@ def _check_topk_log_probs(indices: torch.Tensor, log_probs: torch.Tensor, mask_i
                          "'renormalize' divides by it")
 
 
+def _row_weight(weight, batch_shape, vocab, logits) -> torch.Tensor:
+    """The per-row ``weight`` broadcast to the rows; a (V,) one that does not broadcast is
+    most likely meant as F.cross_entropy's per-class weight, and the error says so."""
+    tensor("weight", weight, FLOAT_DTYPES)
+    same_device("weight", weight, logits, "logits")
+    try:
+        return torch.broadcast_to(weight, batch_shape)
+    except RuntimeError:
+        hint = ""
+        if tuple(weight.shape) == (vocab,):
+            hint = ("; weight is PER ROW here, not F.cross_entropy's per-class weight: pass "
+                    "per-class weights as class_weight=")
+        raise ValueError(f"weight of shape {tuple(weight.shape)} does not broadcast to "
+                         f"{batch_shape}{hint}") from None
+
+
+def _class_weight(class_weight, vocab, logits, check: bool) -> torch.Tensor:
+    tensor("class_weight", class_weight, FLOAT_DTYPES)
+    if tuple(class_weight.shape) != (vocab,):
+        raise ValueError(f"class_weight must have shape (V,) = ({vocab},) (one weight per "
+                         f"class, as F.cross_entropy's weight=), got {tuple(class_weight.shape)}")
+    same_device("class_weight", class_weight, logits, "logits")
+    if check:
+        finite("class_weight", class_weight)
+    return class_weight
+
+
 def loss_inputs(logits, target, *, teacher_logits, teacher_topk, weight, normalizer,
-                options: LossOptions) -> LossInputs:
+                options: LossOptions, class_weight=None) -> LossInputs:
     """Validate the tensors of ``fused_tcsm_loss`` against its (validated) options and flatten
     them to rows; the target kind and options must form a row of ``LOSS_CASES``."""
     tensor("logits", logits, FLOAT_DTYPES)
@@ -242,7 +271,10 @@ def loss_inputs(logits, target, *, teacher_logits, teacher_topk, weight, normali
         raise ValueError("pass at most one of teacher_logits and teacher_topk")
     target_kind = "dense" if teacher_logits is not None else (
         "topk" if teacher_topk is not None else "data")
-    case = options.case(target_kind)
+    case = options.case(target_kind, class_weighted=class_weight is not None)
+    checked = resolve_check(options.check, logits.device)
+    if class_weight is not None:
+        class_weight = _class_weight(class_weight, vocab, logits, checked)
     rows = math.prod(batch_shape)
     topk_indices = topk_values = None
     if teacher_logits is not None:
@@ -256,13 +288,11 @@ def loss_inputs(logits, target, *, teacher_logits, teacher_topk, weight, normali
         topk_indices, topk_values = _topk_teacher(teacher_topk, batch_shape, vocab, logits)
 
     if weight is not None:
-        tensor("weight", weight, FLOAT_DTYPES)
-        same_device("weight", weight, logits, "logits")
-        weight = broadcast("weight", weight, batch_shape).reshape(rows)
+        weight = _row_weight(weight, batch_shape, vocab, logits).reshape(rows)
 
     flat_logits = logits.reshape(rows, vocab)
     flat_target = target.reshape(rows)
-    if resolve_check(options.check, logits.device):
+    if checked:
         ids_in_range("target", flat_target, vocab, options.ignore_index)
         if mask_id is not None and bool(((flat_target == mask_id)).any()):
             raise ValueError(f"target holds mask_id={mask_id} on a row that is not ignored; "
@@ -276,7 +306,7 @@ def loss_inputs(logits, target, *, teacher_logits, teacher_topk, weight, normali
         if weight is not None:
             finite("weight", weight)
     return LossInputs(flat_logits, flat_target, weight, teacher_logits, topk_indices,
-                      topk_values, batch_shape, vocab, case)
+                      topk_values, batch_shape, vocab, case, class_weight)
 
 
 def philox_int(name: str, value) -> int:

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _checks, philox
-from .loss_options import LossOptions
+from .loss_options import LossOptions, LossOutput
 
 
 class _ClampedExp(torch.autograd.Function):
@@ -95,16 +95,33 @@ def _topk_distrib_losses(z, lse, idx, counted, log_q, divergence, tail, exp_):
     return is_ if divergence == "is" else kl + is_
 
 
-def _row_losses(inp: _checks.LossInputs, options: LossOptions) -> torch.Tensor:
-    """(N,) unweighted per-row losses (docs/math.md 4); ignored rows hold finite placeholders."""
+def _student_logits(logits: torch.Tensor, options: LossOptions) -> torch.Tensor:
+    """The logits the loss sees, in the compute dtype: with a softcap c (Gemma; Liger's and
+    CCE's softcap) c * tanh(logits / c), differentiated through by autograd."""
+    z = logits.to(_compute_dtype(logits.dtype))
+    return z if options.softcap is None else options.softcap * torch.tanh(z / options.softcap)
+
+
+def _row_losses(inp: _checks.LossInputs, options: LossOptions):
+    """(N,) unweighted per-row losses (docs/math.md 4) with the z-loss, and the student's row
+    LSE (N,); ignored rows hold finite placeholders."""
+    z = _drop_column(_student_logits(inp.logits, options), options.mask_id)
+    lse = torch.logsumexp(z, dim=1)
+    rows = _divergence_rows(inp, options, z, lse)
+    if options.lse_square_scale > 0:  # z-loss (PaLM; Liger's lse_square_scale): s LSE^2
+        rows = rows + options.lse_square_scale * lse ** 2
+    return rows, lse
+
+
+def _divergence_rows(inp: _checks.LossInputs, options: LossOptions, z: torch.Tensor,
+                     lse: torch.Tensor) -> torch.Tensor:
+    """(N,) unweighted divergences of the student's participating logits z (N, V)."""
     divergence, mask_id, temperature = options.divergence, options.mask_id, options.temperature
-    ct = _compute_dtype(inp.logits.dtype)
-    z = _drop_column(inp.logits.to(ct), mask_id)
+    ct = z.dtype
     n, v = z.shape
     active = inp.target != options.ignore_index
     a = _remap_ids(torch.where(active, inp.target, torch.zeros_like(inp.target)), mask_id).long()
     a = a.clamp(0, v - 1)
-    lse = torch.logsumexp(z, dim=1)
     z_a = z.gather(1, a[:, None])[:, 0]
     logp = z - lse[:, None]
 
@@ -114,7 +131,17 @@ def _row_losses(inp: _checks.LossInputs, options: LossOptions) -> torch.Tensor:
     if inp.kind == "data":  # math.md 4.1
         kl = lse - z_a
         is_ = (exp_(lse - z_a) + z.sum(1) - v * lse) / v
-        return {"kl": kl, "is": is_, "gkl": kl + is_}[divergence]
+        rows = {"kl": kl, "is": is_, "gkl": kl + is_}[divergence]
+        class_weight = torch.ones(v, dtype=ct, device=z.device)
+        if inp.class_weight is not None:  # F.cross_entropy's weight=: w_a per row
+            class_weight = _drop_column(inp.class_weight.to(ct)[None], mask_id)[0]
+            rows = rows * class_weight[a]
+        if options.label_smoothing > 0:
+            # F.cross_entropy(label_smoothing=eps, weight=w):
+            # (1 - eps) w_a (-log p_a) + (eps / V) sum_y w_y (-log p_y)
+            eps = options.label_smoothing
+            rows = (1 - eps) * rows - eps / v * (logp * class_weight).sum(1)
+        return rows
 
     if inp.kind == "dense":
         u = _drop_column(inp.teacher_logits.to(ct), mask_id) / temperature
@@ -153,43 +180,73 @@ def _row_losses(inp: _checks.LossInputs, options: LossOptions) -> torch.Tensor:
     return (cross + torch.where(counted, exp_(log_b), 0).sum(1)) / v
 
 
-def _reduce_rows(row_loss: torch.Tensor, target: torch.Tensor, reduction: str, ignore_index: int,
-                normalizer, batch_shape) -> torch.Tensor:
+def mean_denominator(inp: _checks.LossInputs, options: LossOptions, normalizer,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The divisor of reduction="mean" (math.md 5), a tensor (no host sync): the caller's
+    normalizer; else the number of non-ignored rows, whatever the row weights; with class
+    weights, as F.cross_entropy, the sum of the non-ignored rows' w[target] (1 where that is 0,
+    as the count is at least 1, so that all-ignored batches give 0)."""
+    device = inp.target.device
+    if normalizer is not None:
+        return torch.as_tensor(normalizer, device=device).to(dtype)
+    active = inp.target != options.ignore_index
+    if inp.class_weight is None:
+        return active.sum().clamp(min=1).to(dtype)
+    safe = torch.where(active, inp.target, torch.zeros_like(inp.target)).long()
+    total = torch.where(active, inp.class_weight.to(dtype)[safe], 0).sum()
+    return torch.where(total == 0, 1, total)
+
+
+def _reduce_rows(row_loss: torch.Tensor, inp: _checks.LossInputs, options: LossOptions,
+                 normalizer) -> torch.Tensor:
     """math.md 5 reductions of weighted per-row losses (ignored rows already zero)."""
-    if reduction == "none":
-        return row_loss.reshape(batch_shape)
+    if options.reduction == "none":
+        return row_loss.reshape(inp.batch_shape)
     total = row_loss.sum()
-    if reduction == "sum":
+    if options.reduction == "sum":
         return total
-    if normalizer is None:
-        count = (target != ignore_index).sum().clamp(min=1)
-        return total / count.to(total.dtype)
-    return total / normalizer
+    return total / mean_denominator(inp, options, normalizer, total.dtype)
 
 
 def tcsm_loss(logits, target, *, teacher_logits=None, teacher_topk=None, divergence="kl",
-              objective="distrib", weight=None, mask_id=None, temperature=1.0, reduction="mean",
-              ignore_index=-100, normalizer=None, tail="zero", max_log_ratio=30.0,
-              inplace_backward=False, backend="reference", check=None) -> torch.Tensor:
+              objective="distrib", weight=None, class_weight=None, mask_id=None,
+              temperature=1.0, reduction="mean", ignore_index=-100, normalizer=None,
+              tail="zero", max_log_ratio=30.0, softcap=None, lse_square_scale=0.0,
+              label_smoothing=0.0, return_lse=False, out_dtype=None, inplace_backward=False,
+              backend="reference", check=None):
     """TCSM loss (docs/math.md 4-5) on logits (..., V); same signature as ``fused_tcsm_loss``.
 
     ``inplace_backward`` and ``backend`` are accepted so the two functions can be swapped; the
     reference has no in-place gradient and is its own backend. Returns float32 (float64 for
-    float64 logits): a scalar, or per-row losses (...) for ``reduction="none"``.
+    float64 logits) unless ``out_dtype`` says otherwise: a scalar, or per-row losses (...) for
+    ``reduction="none"``; a ``LossOutput`` with ``return_lse``.
     """
     options = LossOptions(divergence=divergence, objective=objective, mask_id=mask_id,
                           temperature=temperature, reduction=reduction,
                           ignore_index=ignore_index, tail=tail, max_log_ratio=max_log_ratio,
-                          inplace_backward=inplace_backward, backend=backend, check=check)
+                          inplace_backward=inplace_backward, backend=backend, check=check,
+                          softcap=softcap, lse_square_scale=lse_square_scale,
+                          label_smoothing=label_smoothing, return_lse=return_lse,
+                          out_dtype=out_dtype)
     inp = _checks.loss_inputs(logits, target, teacher_logits=teacher_logits,
                               teacher_topk=teacher_topk, weight=weight, normalizer=normalizer,
-                              options=options)
+                              options=options, class_weight=class_weight)
     return loss_from_inputs(inp, options, normalizer)
+
+
+def loss_result(loss: torch.Tensor, options: LossOptions, lse: Optional[torch.Tensor] = None,
+                z_loss: Optional[torch.Tensor] = None):
+    """What the loss functions return: the loss in ``out_dtype`` (default: as computed), or,
+    for ``return_lse``, a ``LossOutput`` with the row LSEs (constant) and the reduced z-loss."""
+    out_dtype = options.out_dtype or loss.dtype
+    if not options.return_lse:
+        return loss.to(out_dtype)
+    return LossOutput(loss.to(out_dtype), lse.detach(), z_loss.detach().to(out_dtype))
 
 
 def loss_from_inputs(inp: _checks.LossInputs, options: LossOptions, normalizer=None):
     """``tcsm_loss`` on inputs already validated and flattened by ``_checks.loss_inputs``."""
-    rows = _row_losses(inp, options)
+    rows, lse = _row_losses(inp, options)
     active = inp.target != options.ignore_index
     _checks.finite_rows(torch.where(active, rows, 0),
                         (("logits", inp.logits), ("teacher_logits", inp.teacher_logits),
@@ -200,8 +257,13 @@ def loss_from_inputs(inp: _checks.LossInputs, options: LossOptions, normalizer=N
         scale = scale * inp.weight.to(rows.dtype)
     # where (not a product) so that an inf placeholder on an ignored row cannot leak a NaN
     row_loss = torch.where(scale != 0, rows * scale, torch.zeros_like(rows))
-    return _reduce_rows(row_loss, inp.target, options.reduction, options.ignore_index,
-                        normalizer, inp.batch_shape)
+    loss = _reduce_rows(row_loss, inp, options, normalizer)
+    if not options.return_lse:
+        return loss_result(loss, options)
+    lse = torch.where(scale != 0, lse, torch.zeros_like(lse)).detach()
+    z_rows = torch.where(scale != 0, options.lse_square_scale * lse ** 2 * scale, 0)
+    return loss_result(loss, options, lse.reshape(inp.batch_shape),
+                       _reduce_rows(z_rows, inp, options, normalizer))
 
 
 def topk_concrete_scores(teacher_logits, target, k, *, temperature=1.0, correction=None,

@@ -67,9 +67,10 @@ def run_kernel(case, divergence, objective, tail, mask_id=None, temperature=1.0,
     logits = case["logits"] if logits is None else logits
     grad = torch.empty_like(logits) if grad is None else grad
     idx, ratios = case["topk"] if case["topk"] is not None else (None, None)
-    loss = torch.ops.tcsm.tcsm_loss_cpu(
-        logits, case["target"], case["weight"], case["teacher"], idx, ratios, grad, divergence,
-        objective, tail, -1 if mask_id is None else mask_id, temperature, IGNORE, max_log_ratio)
+    loss, _ = torch.ops.tcsm.tcsm_loss_cpu(
+        logits, case["target"], case["weight"], None, case["teacher"], idx, ratios, grad,
+        divergence, objective, tail, -1 if mask_id is None else mask_id, temperature, IGNORE,
+        max_log_ratio, 0.0, 0.0, 0.0, False)
     return loss, grad
 
 
