@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from . import checkpoint, distributed
 from .data import TokenCorpus, batch_starts, eval_windows, read_windows, step_generator
 from .model import Block, Denoiser, DenoiserConfig, rotate
-from .run import CHECKPOINT_DIR, ConfigError, TrainConfig, read_config
+from .run import CHECKPOINT_DIR, ConfigError, LossInfo, TrainConfig, read_config
 from .trainer import Session, Trainer, train_single_process
 
 TEACHER_FILE = "ar_teacher.json"
@@ -163,6 +163,9 @@ class TeacherTrainer(Trainer):
         super().__init__(config, session, run_dir, world)
         torch.manual_seed(config.seed)
         self.replace_model(build_teacher(config, self.corpus.vocab.size))
+
+    def loss_info(self) -> LossInfo:
+        return LossInfo("data (next token)", "kl", "mean over all positions", estimate=False)
 
     def clean_batch(self) -> torch.Tensor:
         """(B, L) training windows of step ``self.step`` (a function of seed and step)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import distributed
@@ -29,15 +30,22 @@ class StepBatch:
     target: torch.Tensor  # (b, L), IGNORE where no loss
     weight: Optional[torch.Tensor]  # (b, 1) or None
     normalizer: float  # global normalizer / world size
+    pool_rows: Optional[torch.Tensor] = None  # (b,) rows of the window pool drawn, if any
 
 
 def make_batch(config: TrainConfig, corpus: TokenCorpus, process, step: int,
-               world: distributed.World) -> StepBatch:
+               world: distributed.World, pool: Optional[np.ndarray] = None) -> StepBatch:
     """Global batch of ``step`` (CPU): every rank draws all of its random numbers, reads only
-    its own rows."""
+    its own rows. Windows start anywhere in the training split, or, with ``pool`` (W,) window
+    starts (a cached-target store's), at pool entries drawn uniformly."""
     generator = step_generator(config.seed, step)
     global_batch, length = config.batch_size, config.seq_len
-    starts = batch_starts(len(corpus.train), global_batch, length, generator)
+    pool_rows = None
+    if pool is None:
+        starts = batch_starts(len(corpus.train), global_batch, length, generator)
+    else:
+        pool_rows = torch.randint(0, len(pool), (global_batch,), generator=generator)
+        starts = np.asarray(pool)[pool_rows.numpy()]
     t = stratified_times(global_batch, generator)
     per_rank = global_batch // world.size
     rows = slice(world.rank * per_rank, (world.rank + 1) * per_rank)
@@ -53,4 +61,5 @@ def make_batch(config: TrainConfig, corpus: TokenCorpus, process, step: int,
         weight = None
         normalizer = float(max(int(carries_loss.sum()), 1))
     return StepBatch(x_t[rows], t[rows], target[rows],
-                     None if weight is None else weight[rows], normalizer / world.size)
+                     None if weight is None else weight[rows], normalizer / world.size,
+                     None if pool_rows is None else pool_rows[rows])

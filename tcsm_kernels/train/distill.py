@@ -1,79 +1,147 @@
-"""Distilling an autoregressive teacher into a masked-diffusion student (SPEC 4.4 and 6).
+"""Distilling an autoregressive teacher into a masked-diffusion student (docs/math.md 4.5, 6).
 
-Each step draws the same global batch as pre-training (clean windows x, times t, masks), the
-teacher reads the clean x once and yields top-K candidates with log concrete ratios at every
-position (optionally with the Taylor future term), and the student's logits at the masked
-positions of x_t are fitted to them (``topk_target.TopKTargetTrainer``: the fused top-K loss
-under the pre-training loop's weighting, ``--time-weight``).
+Each step draws a pre-training batch (clean windows x, times t, masks) and the student's logits
+at the masked positions of x_t are fitted to the teacher's target at x (``TeacherTargetTrainer``:
+the fused loss under the pre-training loop's weighting, ``--time-weight``). Targets:
+
+  exact   the full-context conditional p(y | x^{\\i}), computed once per window and cached by
+          `tcsm distill-targets` (train/targets.py); batches then come from the store's windows
+  local   the teacher's left-context conditional p(y | x_<i) alone (measured: worse than data)
+  taylor  local + the first-order future term (a diagnostic: it carries almost no signal)
+
+with the distribution objective by default (top-K log-probabilities, or all V with --k 0); the
+score objective (log-ratios against the data token, --objective score) stays available for
+local/taylor and is biased (math.md 4.3).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from . import distributed
-from .ar_teacher import ar_topk_targets, load_teacher, teacher_bits, train_teacher
-from .files import write_json_atomic, write_text_atomic
+from ..ops.topk_scores import topk_log_probs
+from .ar_teacher import ar_topk_targets, load_teacher
+from .files import write_json_atomic
 from .progress import read_metrics
-from .report import markdown_table, pyplot, save_figure
-from .run import METRICS_FILE, ConfigError, TrainConfig
-from .topk_target import TAILS, TopKTargetTrainer
-from .trainer import Session, train, train_single_process
+from .run import METRICS_FILE, ConfigError, TrainConfig, read_config
+from .targets import TargetError, TargetStore, taylor_future_terms
+from .topk_target import OBJECTIVES, TeacherTargetTrainer, check_target_options, with_mask_column
+from .trainer import Session, Trainer, train_single_process
 
 DISTILL_FILE = "distill.json"
+TARGET_KINDS = ("exact", "local", "taylor")
 
 
 @dataclass
 class DistillOptions:
     teacher: str  # teacher run directory or checkpoint
-    k: int = 8
+    targets: Optional[str] = None  # a `tcsm distill-targets` store (exact target, window pool)
+    target: str = "exact"
+    k: int = 8  # top-K entries; 0: the whole distribution
     temperature: float = 1.0
-    taylor: bool = False
+    objective: str = "distrib"
     tail: str = "zero"
 
-    def validate(self) -> None:
-        if self.temperature <= 0:
+    def validate(self, divergence: str) -> None:
+        if self.target not in TARGET_KINDS:
+            raise ConfigError(f"--target must be one of {', '.join(TARGET_KINDS)}; got "
+                              f"{self.target!r}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}")
+        if not self.temperature > 0:
             raise ConfigError(f"--temperature must be > 0; got {self.temperature}")
-        if self.tail not in TAILS:
-            raise ConfigError(f"--tail must be one of {', '.join(TAILS)}; got {self.tail!r}")
-        if self.k <= 0:
-            raise ConfigError(f"--k must be > 0; got {self.k}")
+        if self.k < 0:
+            raise ConfigError(f"--k must be >= 0 (0: all symbols); got {self.k}")
+        if self.target == "exact":
+            if self.targets is None:
+                raise ConfigError("--target exact needs --targets STORE (build one with "
+                                  "`tcsm distill-targets --teacher RUN --out STORE`)")
+            if self.objective != "distrib" or self.temperature != 1.0:
+                raise ConfigError("the exact target is a distribution: --objective distrib and "
+                                  "--temperature 1 (build the store at another temperature)")
+        if self.objective == "score" and self.k == 0:
+            raise ConfigError("--objective score takes top-K log-ratios: --k > 0")
+        dense = self.objective == "distrib" and self.k == 0 and self.target != "exact"
+        check_target_options(divergence, self.objective, self.tail, "dense" if dense else "topk")
 
 
-class Distiller(TopKTargetTrainer):
-    """The pre-training loop with the sparse AR-teacher target in place of the data target."""
+def open_store(path: str, config: TrainConfig, corpus, k: int, teacher: Optional[str]):
+    """The store at ``path``, checked against the run (ConfigError naming --targets)."""
+    try:
+        store = TargetStore(Path(path))
+        store.check_for(vocab_size=corpus.vocab.size, seq_len=config.seq_len, k=max(k, 1),
+                        split_tokens=len(corpus.train), teacher=teacher)
+    except TargetError as err:
+        raise ConfigError(str(err)) from None
+    return store
+
+
+class Distiller(TeacherTargetTrainer):
+    """The pre-training loop with the AR teacher's target in place of the data target."""
 
     def __init__(self, config: TrainConfig, session: Session, run_dir: Path,
                  world: distributed.World, options: DistillOptions):
+        self.options, self.objective, self.tail = options, options.objective, options.tail
+        self.target = f"AR teacher, {options.target} target"
         super().__init__(config, session, run_dir, world)
-        self.options, self.tail = options, options.tail
         self.teacher, teacher_config, teacher_corpus = load_teacher(options.teacher,
                                                                     world.device)
-        if teacher_corpus.vocab != self.corpus.vocab:
+        vocab = self.corpus.vocab
+        if teacher_corpus.vocab != vocab:
             raise ConfigError(f"--teacher {options.teacher}: vocabulary "
                               f"({teacher_corpus.vocab.kind}, {teacher_corpus.vocab.size} "
-                              f"symbols) differs from the student's ({self.corpus.vocab.kind}, "
-                              f"{self.corpus.vocab.size} symbols)")
+                              f"symbols) differs from the student's ({vocab.kind}, "
+                              f"{vocab.size} symbols)")
         if teacher_config.seq_len < config.seq_len:
             raise ConfigError(f"--seq-len {config.seq_len} exceeds the teacher's "
                               f"{teacher_config.seq_len}")
-        if options.k > self.corpus.vocab.size:
-            raise ConfigError(f"--k {options.k} exceeds the vocabulary size "
-                              f"{self.corpus.vocab.size}")
+        if options.k > vocab.size:
+            raise ConfigError(f"--k {options.k} exceeds the vocabulary size {vocab.size}")
+        self.store = None
+        if options.targets is not None:
+            self.store = open_store(options.targets, config, self.corpus, options.k,
+                                    options.teacher)
+            self.pool = self.store.starts
         record = run_dir / DISTILL_FILE
         if not record.exists():
             write_json_atomic(record, asdict(options))
 
-    def logits_and_targets(self, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor):
-        options = self.options
-        indices, log_ratios = ar_topk_targets(self.teacher, clean, options.k,
-                                              options.temperature, options.taylor)
-        return self.model(x_t, t), (indices, log_ratios)
+    def teacher_log_probs(self, clean: torch.Tensor) -> torch.Tensor:
+        """(B, L, V) log q of the local or Taylor target at temperature tau."""
+        with torch.no_grad():
+            scores = self.teacher.log_probs(clean)
+        if self.options.target == "taylor":
+            scores = scores + taylor_future_terms(self.teacher, clean)
+        return torch.log_softmax(scores / self.options.temperature, -1)
+
+    def logits_and_target(self, batch, x_t, t, clean):
+        options, logits = self.options, self.model(x_t, t)
+        if options.target == "exact":
+            k = options.k or self.store.meta.k
+            return logits, {"teacher_topk": self.store.batch(batch.pool_rows.numpy(), k,
+                                                             x_t.device)}
+        if options.objective == "score":
+            return logits, {"teacher_topk": ar_topk_targets(
+                self.teacher, clean, options.k, options.temperature,
+                options.target == "taylor")}
+        log_q = self.teacher_log_probs(clean)
+        if options.k == 0:
+            return logits, {"teacher_logits": with_mask_column(log_q, self.mask_id)}
+        return logits, {"teacher_topk": tuple(topk_log_probs(log_q, options.k))}
+
+
+class PoolTrainer(Trainer):
+    """Data-only pre-training on a store's window pool: the matched baseline of distillation
+    from cached targets (the same windows, batches, steps and loss)."""
+
+    def __init__(self, config: TrainConfig, session: Session, run_dir: Path,
+                 world: distributed.World, targets: str):
+        super().__init__(config, session, run_dir, world)
+        self.pool = open_store(targets, config, self.corpus, 1, None).starts
 
 
 def distill(config: Optional[TrainConfig], session: Session,
@@ -83,7 +151,8 @@ def distill(config: Optional[TrainConfig], session: Session,
     run_dir = Path(session.out)
     if session.resume is not None:
         options = DistillOptions(**json.loads((run_dir / DISTILL_FILE).read_text()))
-    options.validate()
+        config = None
+    options.validate((config or read_config(run_dir)).divergence)
     _, teacher_config, _ = load_teacher(options.teacher)  # fail before creating the run
     if config is not None and teacher_config.vocab != config.vocab:
         raise ConfigError(f"--vocab {config.vocab} differs from the teacher's vocabulary "
@@ -96,55 +165,3 @@ def validation_curve(run_dir: Path) -> list:
     records = read_metrics(Path(run_dir) / METRICS_FILE)
     elapsed = {r["step"]: r["elapsed_s"] for r in records if "elapsed_s" in r}
     return [(r["step"], elapsed[r["step"]], r["val_bits"]) for r in records if "val_bits" in r]
-
-
-def compare_distill(out: str, *, config: TrainConfig, teacher_steps: int, k: int = 8,
-                    temperature: float = 1.0, taylor: bool = False, threads: Optional[int] = None,
-                    quiet: bool = True) -> str:
-    """Train an AR teacher, then data-only pre-training and distillation with the same
-    configuration (same batches, steps and evaluations); write ``comparison.md`` (validation
-    bits per token at equal steps, and the data run at the distilled run's wall-clock, linearly
-    interpolated) and ``comparison.png`` into ``out``. Returns the table."""
-    out_dir = Path(out)
-    teacher_config = replace(config, steps=teacher_steps,
-                                         eval_every=teacher_steps)
-    session = dict(threads=threads, quiet=quiet)
-    train_teacher(teacher_config, Session(out=str(out_dir / "teacher"), **session))
-    teacher, _, teacher_corpus = load_teacher(str(out_dir / "teacher"))
-    teacher_val = teacher_bits(teacher, teacher_corpus.val, config.seq_len,
-                               config.eval_sequences, torch.device("cpu"))
-    train(config, Session(out=str(out_dir / "data"), **session))
-    distill(config, Session(out=str(out_dir / "distill"), **session),
-            DistillOptions(str(out_dir / "teacher"), k, temperature, taylor))
-    data_curve = validation_curve(out_dir / "data")
-    distill_curve = validation_curve(out_dir / "distill")
-    data_seconds = [s for _, s, _ in data_curve]
-    data_bits = [b for _, _, b in data_curve]
-    rows = []
-    for (step, d_s, d_bits), (_, s_s, s_bits) in zip(data_curve, distill_curve):
-        at_clock = float(np.interp(s_s, data_seconds, data_bits))
-        rows.append((step, f"{d_bits:.3f}", f"{s_bits:.3f}", f"{d_s:.1f}", f"{s_s:.1f}",
-                     f"{at_clock:.3f}"))
-    header = ["step", "data BPC", "distill BPC", "data s", "distill s",
-              "data BPC at distill's s"]
-    table = markdown_table(header, rows)
-    table += (f"\nteacher: {teacher_steps} steps, exact validation BPC {teacher_val:.3f}; "
-              f"K={k}, tau={temperature}, taylor={taylor}; BPC = validation NELBO bits per "
-              f"token (upper bound)\n")
-    write_text_atomic(out_dir / "comparison.md", table)
-    _plot_comparison(data_curve, distill_curve, teacher_val, out_dir / "comparison.png")
-    return table
-
-
-def _plot_comparison(data_curve: list, distill_curve: list, teacher_val: float,
-                     path: Path) -> None:
-    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
-    for axis, column, label in ((axes[0], 0, "training step"), (axes[1], 1, "training seconds")):
-        for curve, name in ((data_curve, "data-only pre-training"),
-                            (distill_curve, "distillation (AR teacher)")):
-            axis.plot([r[column] for r in curve], [r[2] for r in curve], "o-", label=name)
-        axis.axhline(teacher_val, color="gray", linestyle=":", label="AR teacher (exact NLL)")
-        axis.set(xlabel=label, ylabel="validation bits per token")
-        axis.legend()
-    fig.tight_layout()
-    save_figure(fig, path)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .data import entropies, eval_windows, read_windows
+from .progress import ProgressBar
 from .run import autocast_dtype, make_process, mask_token
 
 
@@ -55,11 +56,12 @@ class NelboResult:
 def nelbo_bits(model, split: np.ndarray, process, mask_id: Optional[int], *, seq_len: int,
                time_samples: int = 8, max_sequences: int = 0, batch_size: int = 256,
                seed: int = 1234, device: torch.device = torch.device("cpu"),
-               autocast: Optional[torch.dtype] = None) -> NelboResult:
+               autocast: Optional[torch.dtype] = None, progress: bool = False) -> NelboResult:
     """Mean NELBO per token over non-overlapping validation windows (SPEC 1 weights).
 
     The noise of window batch j comes from a generator seeded with (seed, j): two calls with the
     same arguments see the same times and masks, so two models compare without Monte Carlo noise.
+    ``progress``: a progress bar over the model calls on stderr.
     """
     was_training = model.training
     model.eval()
@@ -67,7 +69,9 @@ def nelbo_bits(model, split: np.ndarray, process, mask_id: Optional[int], *, seq
     per_sequence = []
     cast = (torch.autocast(device.type, dtype=autocast) if autocast is not None
             else contextlib.nullcontext())
-    for j, begin in enumerate(range(0, len(starts), batch_size)):
+    batches = range(0, len(starts), batch_size)
+    bar = ProgressBar(len(batches) * time_samples, 0, progress, label="evaluating")
+    for j, begin in enumerate(batches):
         x1 = read_windows(split, starts[begin:begin + batch_size], seq_len)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + j)
         shift = torch.rand(len(x1), generator=generator)
@@ -81,7 +85,9 @@ def nelbo_bits(model, split: np.ndarray, process, mask_id: Optional[int], *, seq
             terms = position_nelbo(logits, x1.to(device), x_t.to(device), weight.to(device),
                                    mask_id)
             total += terms.sum(1).double().cpu()
+            bar.update(j * time_samples + k + 1, f"{begin + len(x1)}/{len(starts)} sequences")
         per_sequence.append(total / (time_samples * seq_len))
+    bar.close()
     model.train(was_training)
     nats = torch.cat(per_sequence)
     stderr = nats.std().item() / math.sqrt(len(nats)) if len(nats) > 1 else float("nan")
@@ -90,7 +96,7 @@ def nelbo_bits(model, split: np.ndarray, process, mask_id: Optional[int], *, seq
 
 
 def evaluate_run(trained, *, time_samples: int = 8, max_sequences: int = 0, seed: int = 1234,
-                 batch_size: int = 256) -> dict:
+                 batch_size: int = 256, progress: bool = False) -> dict:
     """NELBO of a trained run on its validation split, with the split's unigram and bigram
     entropies (bits per token) for comparison."""
     config, corpus = trained.config, trained.corpus
@@ -98,7 +104,7 @@ def evaluate_run(trained, *, time_samples: int = 8, max_sequences: int = 0, seed
                         mask_token(config, corpus), seq_len=config.seq_len,
                         time_samples=time_samples, max_sequences=max_sequences,
                         batch_size=batch_size, seed=seed, device=trained.device,
-                        autocast=autocast_dtype(config, trained.device))
+                        autocast=autocast_dtype(config, trained.device), progress=progress)
     unigram, bigram = entropies(corpus.val, corpus.vocab.size)
     return {"step": trained.step, "nelbo_bits": result.bits_per_token,
             "stderr_bits": result.stderr_bits, "sequences": result.sequences,

@@ -1,17 +1,18 @@
 """Reward fine-tuning of a masked-diffusion model toward p*(x) ∝ p_ref(x) exp(r(x) / beta)
-(SPEC 6, reward tilt).
+(docs/math.md 6, reward tilt).
 
 The student is the frozen reference plus a learned residual (a trainable copy of the reference
 followed by a zero-initialised linear head), so it starts equal to the reference. At the masked
-positions of x_t, with x a clean training window (the proposal: TCSM's score-matching loss is
-minimised by the target for any proposal of full support, and windows cost nothing to draw),
-the target log concrete ratios for the reference's top-K candidates y at position i are
+positions of x_t, with x a clean training window, the target at position i is the tilted
+distribution over the reference's top-K candidates y,
 
-    log p_ref(y | x_t) - log p_ref(x_i | x_t) + (r(x with x_i = y) - r(x)) / beta,
+    q_i(y) ∝ p_ref(y | x_t) exp((r(x with x_i = y) - r(x)) / beta)      (y in S),
 
-the reward difference exact (rule-based rewards: every neighbour scored) or first order in the
-one-hot input (differentiable rewards: one backward). The current token x_i is the reference
-token a of the loss (ratio 1). The loss is the same fused top-K loss as distillation.
+with the reference's mass off S left untilted as the rest cell (``tail="zero"``; or
+``renormalize``): a known distribution, fitted with the distribution objective (math.md 4.5).
+The reward difference is exact (rule-based rewards: every neighbour scored) or first order in
+the one-hot input (differentiable rewards: one backward). The score objective (log-ratios
+against the data token x_i, ``--objective score``) is biased: x_i is not drawn from q_i.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .data import TokenCorpus
 from .files import write_json_atomic
 from .rewards import REWARDS, SequenceClassifier, make_reward, reward_deltas
 from .run import ConfigError, TrainConfig, load_trained
-from .topk_target import TAILS, TopKTargetTrainer
+from .topk_target import OBJECTIVES, TAILS, TeacherTargetTrainer, check_target_options
 from .trainer import Session, create_run, open_session
 
 FINETUNE_FILE = "finetune.json"
@@ -47,6 +48,20 @@ def tilted_topk_targets(reference_logits: torch.Tensor, x: torch.Tensor, reward,
     indices, log_ratios, _ = topk_concrete_scores(data_logits, x, k)
     deltas = reward_deltas(reward, x, indices)
     return indices, log_ratios + deltas.detach() / beta
+
+
+def tilted_topk_distribution(reference_logits: torch.Tensor, x: torch.Tensor, reward,
+                             beta: float, k: int) -> tuple:
+    """The tilted target q_i on the reference's top k candidates: ids (B, L, k) and
+    log-probabilities (B, L, k), normalised together with the reference's untilted mass off
+    the candidates (which stays the rest, 1 - sum q). Data symbols are the first V columns."""
+    log_p = torch.log_softmax(reference_logits[..., :reward.vocab_size].detach().float(), -1)
+    top = log_p.topk(k, dim=-1)
+    tilted = top.values + reward_deltas(reward, x, top.indices).detach().float() / beta
+    # log (1 - P_ref(S)), 0 mass when the candidates hold all of it
+    log_rest = torch.log1p(-torch.logsumexp(top.values, -1).exp().clamp(max=1.0))
+    log_norm = torch.logsumexp(torch.cat([tilted, log_rest[..., None]], -1), -1)
+    return top.indices, tilted - log_norm[..., None]
 
 
 class ResidualStudent(nn.Module):
@@ -81,6 +96,7 @@ class FinetuneOptions:
     k: int = 8
     tail: str = "zero"
     reward_steps: int = 200  # classifier training steps
+    objective: str = "distrib"
 
     def validate(self) -> None:
         if not self.beta > 0 or not math.isfinite(self.beta):
@@ -88,32 +104,39 @@ class FinetuneOptions:
         if self.reward not in REWARDS:
             raise ConfigError(f"--reward must be one of {', '.join(REWARDS)}; got "
                               f"{self.reward!r}")
-        if self.tail not in TAILS:
-            raise ConfigError(f"--tail must be one of {', '.join(TAILS)}; got {self.tail!r}")
+        if self.tail not in TAILS or self.objective not in OBJECTIVES:
+            raise ConfigError(f"--tail must be one of {', '.join(TAILS)} and --objective one "
+                              f"of {', '.join(OBJECTIVES)}")
+        check_target_options("kl" if self.objective == "distrib" else "gkl", self.objective,
+                             self.tail, "topk")
         if self.k <= 0 or self.reward_steps <= 0:
             raise ConfigError("--k and --reward-steps must be > 0")
         if not (Path(self.reference) / "config.json").is_file():
             raise ConfigError(f"--ref {self.reference}: not a run directory (no config.json)")
 
 
-class Finetuner(TopKTargetTrainer):
+class Finetuner(TeacherTargetTrainer):
     """The pre-training loop with the reward-tilted top-K target and a ResidualStudent."""
 
     def __init__(self, config: TrainConfig, session: Session, run_dir: Path,
                  world: distributed.World, options: FinetuneOptions, reference: nn.Module,
                  reward):
+        self.options, self.reward = options, reward
+        self.objective, self.tail = options.objective, options.tail
+        self.target = f"reward-tilted reference (top-{options.k}, {options.objective})"
         super().__init__(config, session, run_dir, world)
-        self.options, self.reward, self.tail = options, reward, options.tail
         self.replace_model(ResidualStudent(reference))
 
-    def logits_and_targets(self, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor):
+    def logits_and_target(self, batch, x_t: torch.Tensor, t: torch.Tensor,
+                          clean: torch.Tensor):
         student, options = self.model, self.options
         with torch.no_grad():
             reference_logits = student.reference(x_t, t)
-        indices, log_ratios = tilted_topk_targets(reference_logits, clean, self.reward,
-                                                  options.beta, options.k)
+        targets = (tilted_topk_distribution if options.objective == "distrib"
+                   else tilted_topk_targets)
+        teacher_topk = targets(reference_logits, clean, self.reward, options.beta, options.k)
         logits = reference_logits + student.head(student.trunk(x_t, t))
-        return logits, (indices, log_ratios)
+        return logits, {"teacher_topk": teacher_topk}
 
 
 def finetune(options: FinetuneOptions, session: Session, steps: int, lr: float,
@@ -132,9 +155,11 @@ def finetune(options: FinetuneOptions, session: Session, steps: int, lr: float,
     if options.k > reference_run.corpus.vocab.size:
         raise ConfigError(f"--k {options.k} exceeds the vocabulary size "
                           f"{reference_run.corpus.vocab.size}")
-    changes = {"steps": steps, "lr": lr, "seed": seed, "warmup": min(reference_run.config.warmup,
+    changes = {"divergence": "gkl" if options.objective == "score"
+               else reference_run.config.divergence,
+               "steps": steps, "lr": lr, "seed": seed, "warmup": min(reference_run.config.warmup,
                                                                         steps // 10),
-               "eval_every": 0, "ckpt_every": 0}
+               "eval_every": 0, "ckpt_every": 0, "decay_steps": None}
     if batch_size is not None:
         changes["batch_size"] = batch_size
     config = TrainConfig(**{**asdict(reference_run.config), **changes})

@@ -12,7 +12,7 @@ from ..schedules import SCHEDULES
 from .data import VOCABULARIES
 from .run import (DIVERGENCES, DTYPES, PROCESSES, TIME_WEIGHTS, ConfigError, TrainConfig,
                   read_config)
-from .trainer import Session
+from .trainer import Session, extend_run
 
 DEFAULTS = TrainConfig()
 
@@ -47,6 +47,29 @@ CONFIG_OPTIONS = [
     ("eval_times", int, None, "time samples per sequence during training"),
     ("ckpt_every", int, None, "steps between checkpoints (always one at the end)"),
 ]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Subcommand help with each option's default, where there is one to say (not None, False
+    or empty) and the help text does not say it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default == "" \
+                or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def add_command(subparsers, name: str, func: Callable[[argparse.Namespace], int],
+                help_text: str, description: Optional[str] = None,
+                **parser_options) -> argparse.ArgumentParser:
+    """A `tcsm` subcommand that runs ``func(args)``; ``args.command_parser`` is its parser (for
+    errors in its own words)."""
+    parser = subparsers.add_parser(name, help=help_text, description=description or help_text,
+                                   formatter_class=HelpFormatter, **parser_options)
+    parser.set_defaults(func=func, command_parser=parser)
+    return parser
 
 
 def option_flag(name: str) -> str:
@@ -97,17 +120,21 @@ def config_from_args(args: argparse.Namespace) -> dict:
 
 
 def run_config(args: argparse.Namespace) -> Optional[TrainConfig]:
-    """TrainConfig of a new run from the options given; None when resuming (the run keeps its
-    saved configuration, so a given option must equal the saved value)."""
+    """TrainConfig of a new run from the options given; None when resuming: the run keeps its
+    saved configuration, so a given option must equal the saved value, except a larger
+    --steps, which extends the run first (``trainer.extend_run``)."""
     given = config_from_args(args)
     if args.resume is None:
         return TrainConfig(**given)
-    saved = read_config(Path(args.out))
+    run_dir = Path(args.out)
+    saved = read_config(run_dir)
     changed = [f"{option_flag(k)} {v} (run: {getattr(saved, k)})"
-               for k, v in given.items() if getattr(saved, k) != v]
+               for k, v in given.items() if k != "steps" and getattr(saved, k) != v]
     if changed:
-        raise ConfigError("a resumed run keeps its configuration; these options differ: "
-                          + ", ".join(changed))
+        raise ConfigError("a resumed run keeps its configuration (only --steps may be "
+                          "raised); these options differ: " + ", ".join(changed))
+    if "steps" in given:
+        extend_run(run_dir, given["steps"])
     return None
 
 
@@ -126,6 +153,12 @@ def print_summary(summary: dict) -> None:
     """One line on a finished (or stopped) training invocation; rank 0 only."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    position = f"step {summary['step']}/{summary['steps']}"
+    loss = f"{summary['loss_label']} {summary['loss']:.4f}"
+    if summary["trained_steps"] == 0 and not summary["stopped_early"]:
+        print(f"nothing to train: the run is finished at {position} ({loss}); resume with a "
+              f"larger --steps to extend it")
+        return
     status = "stopped early" if summary["stopped_early"] else "done"
-    print(f"{status}: step {summary['step']}/{summary['steps']}, loss {summary['loss']:.4f}, "
-          f"{summary['tokens_per_s'] / 1e3:.1f}k tokens/s, {summary['elapsed_s']:.0f} s")
+    print(f"{status}: {position}, {loss}, {summary['tokens_per_s'] / 1e3:.1f}k tokens/s, "
+          f"{summary['elapsed_s']:.0f} s")

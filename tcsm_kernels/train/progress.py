@@ -1,4 +1,4 @@
-"""Training progress: a one-line progress bar and the metrics JSONL file."""
+"""Progress of long work: a one-line progress bar, and a run's metrics JSONL file."""
 from __future__ import annotations
 
 import json
@@ -15,32 +15,33 @@ def format_seconds(seconds: float) -> str:
 
 
 class ProgressBar:
-    """``step 120/400 [#####.....] loss 2.314  41.2k tok/s  ETA 0:00:45`` on stderr; redrawn in
-    place on a terminal, otherwise a new line at most every ``interval`` seconds (and at the
-    last step). Silent when ``enabled`` is false."""
+    """``step 120/400 [#####.....] loss 2.314  41.2k tok/s  ETA 0:00:45`` on stderr (``label``
+    ``done/total``, the bar, a caller's detail, the time left); redrawn in place on a terminal,
+    otherwise a new line at most every ``interval`` seconds (and at the end). Silent when
+    ``enabled`` is false."""
 
-    def __init__(self, total_steps: int, first_step: int, enabled: bool, width: int = 20,
-                 interval: float = 10.0):
-        self.total = total_steps
-        self.first = first_step
+    def __init__(self, total: int, first: int, enabled: bool, label: str = "step",
+                 width: int = 20, interval: float = 10.0):
+        self.total = total
+        self.first = first
         self.enabled = enabled
+        self.label = label
         self.width = width
         self.interval = interval
         self.started = self.last_line = time.perf_counter()
         self.tty = sys.stderr.isatty()
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    def update(self, done: int, detail: str = "") -> None:
         now = time.perf_counter()
-        if not self.enabled or not (self.tty or step == self.total
+        if not self.enabled or not (self.tty or done == self.total
                                     or now - self.last_line >= self.interval):
             return
         self.last_line = now
-        done = step / self.total
-        per_step = (now - self.started) / max(step - self.first, 1)
-        bar = "#" * int(done * self.width)
-        eta = format_seconds(per_step * (self.total - step))
-        line = (f"step {step}/{self.total} [{bar:.<{self.width}}] loss {loss:.4f}  "
-                f"{tokens_per_s / 1e3:.1f}k tok/s  ETA {eta}")
+        per_item = (now - self.started) / max(done - self.first, 1)
+        bar = "#" * int(done / max(self.total, 1) * self.width)
+        eta = format_seconds(per_item * (self.total - done))
+        line = f"{self.label} {done}/{self.total} [{bar:.<{self.width}}] "
+        line += f"{detail}  ETA {eta}" if detail else f"ETA {eta}"
         sys.stderr.write(("\r" + line) if self.tty else line + "\n")
         sys.stderr.flush()
 
@@ -62,6 +63,13 @@ class MetricsLog:
             return
         with open(self.path, "a") as out:
             out.writelines(json.dumps(record) + "\n" for record in records)
+
+    def last(self, field: str, default: float = float("nan")) -> float:
+        """The last value of ``field`` written (``default`` if none, or when disabled)."""
+        if not self.enabled or not self.path.exists():
+            return default
+        values = [r[field] for r in read_metrics(self.path) if field in r]
+        return values[-1] if values else default
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (written after the checkpoint a resumed run starts from)."""

@@ -27,6 +27,8 @@ DTYPES = ("auto", "float32", "bfloat16")
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+LOSS_FILE = "loss.json"  # what the logged training loss is (LossInfo)
+ESTIMATED_DIVERGENCES = ("is", "gkl")  # data target: Monte-Carlo estimates, constant dropped
 
 
 class ConfigError(ValueError):
@@ -58,6 +60,10 @@ class TrainConfig:
     lr: float = 4e-3
     warmup: int = 30
     min_lr_ratio: float = 0.1
+    # Where the cosine decay ends (None: at ``steps``). Set when a run is extended (--resume
+    # with more --steps) to the horizon it was planned with: the extra steps train at the final
+    # learning rate and the steps already planned keep their learning rates.
+    decay_steps: Optional[int] = None
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
@@ -90,6 +96,9 @@ class TrainConfig:
                 and 0 <= self.min_lr_ratio <= 1):
             raise ConfigError("need --lr > 0, --grad-clip >= 0, --weight-decay >= 0 and "
                               "--min-lr-ratio in [0, 1]")
+        if self.decay_steps is not None and not 0 < self.decay_steps <= self.steps:
+            raise ConfigError(f"decay_steps must lie in [1, steps={self.steps}]; got "
+                              f"{self.decay_steps}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"--d-model {self.d_model} must be divisible by --n-heads "
                               f"{self.n_heads}")
@@ -102,6 +111,19 @@ class TrainConfig:
     @property
     def masked(self) -> bool:
         return self.process == "masked"
+
+    @property
+    def lr_decay_steps(self) -> int:
+        """The step where the cosine decay reaches ``min_lr_ratio``."""
+        return self.steps if self.decay_steps is None else self.decay_steps
+
+    @property
+    def weighting(self) -> str:
+        """How the per-position losses of a step are combined, in words."""
+        positions = "masked positions" if self.masked else "positions"
+        if self.time_weight == "elbo":
+            return f"ELBO weight w(t) on the {positions}, / all positions"
+        return f"mean over the {positions}"
 
     @property
     def time_conditioned(self) -> bool:
@@ -119,6 +141,38 @@ def read_config(run_dir: Path) -> TrainConfig:
     if not path.is_file():
         raise ConfigError(f"{run_dir} holds no training run (no {CONFIG_FILE})")
     return TrainConfig(**json.loads(path.read_text()))
+
+
+@dataclass(frozen=True)
+class LossInfo:
+    """What a run's logged training loss is: its target, divergence and weighting, and whether
+    it is a Monte-Carlo estimate with a constant dropped (then it can be negative)."""
+
+    target: str  # "data", or the teacher whose scores are fitted
+    divergence: str
+    weighting: str
+    estimate: bool
+
+    @classmethod
+    def data_target(cls, config: "TrainConfig") -> "LossInfo":
+        return cls("data", config.divergence, config.weighting,
+                   config.divergence in ESTIMATED_DIVERGENCES)
+
+    @property
+    def label(self) -> str:
+        return "loss estimate (constant dropped)" if self.estimate else "loss"
+
+
+def save_loss_info(run_dir: Path, info: LossInfo) -> None:
+    write_json_atomic(Path(run_dir) / LOSS_FILE, dataclasses.asdict(info))
+
+
+def read_loss_info(run_dir: Path, config: TrainConfig) -> LossInfo:
+    """The run's LossInfo; a run without the file is a data-target run."""
+    path = Path(run_dir) / LOSS_FILE
+    if path.is_file():
+        return LossInfo(**json.loads(path.read_text()))
+    return LossInfo.data_target(config)
 
 
 def mask_token(config: TrainConfig, corpus: TokenCorpus) -> Optional[int]:

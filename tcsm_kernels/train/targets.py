@@ -183,9 +183,11 @@ class TargetMeta:
     windows: int
     split_tokens: int    # length of the training split the windows start in
     done: int = 0        # windows finished
+    build_seconds: float = 0.0  # time spent computing them, over every (resumed) invocation
 
     def same_build(self, other: "TargetMeta") -> bool:
-        return asdict(self) | {"done": 0} == asdict(other) | {"done": 0}
+        progress = {"done": 0, "build_seconds": 0.0}
+        return asdict(self) | progress == asdict(other) | progress
 
 
 def file_sha256(path: Path) -> str:
@@ -240,14 +242,16 @@ class TargetStore:
         write_json_atomic(path / META_FILE, asdict(meta))
         return TargetStore(path, mode="r+")
 
-    def commit(self, done: int) -> None:
-        """Make windows [0, done) durable: data to disk first, then the count."""
+    def commit(self, done: int, seconds: float) -> None:
+        """Make windows [0, done) durable: data to disk first, then the count (and the build
+        time, ``seconds`` more)."""
         for array in (self.indices, self.log_probs):
             array.flush()
         for name in ("indices", "log_probs"):
             with open(self.path / f"{name}.npy", "rb") as f:
                 os.fsync(f.fileno())
-        self.meta = TargetMeta(**(asdict(self.meta) | {"done": done}))
+        self.meta = TargetMeta(**(asdict(self.meta) | {
+            "done": done, "build_seconds": round(self.meta.build_seconds + seconds, 3)}))
         write_json_atomic(self.path / META_FILE, asdict(self.meta))
 
     def check_for(self, *, vocab_size: int, seq_len: int, k: int, split_tokens: int,
@@ -316,11 +320,12 @@ def build_targets(out: Path, meta: TargetMeta, split: np.ndarray,
     began, first = time.perf_counter(), store.meta.done
     for begin in range(store.meta.done, meta.windows, chunk):
         end = min(begin + chunk, meta.windows)
+        chunk_began = time.perf_counter()
         x = read_windows(split, np.asarray(store.starts[begin:end]), meta.seq_len)
         indices, log_probs = compute(x)
         store.indices[begin:end] = indices.cpu().numpy()
         store.log_probs[begin:end] = log_probs.cpu().numpy()
-        store.commit(end)
+        store.commit(end, time.perf_counter() - chunk_began)
         if progress:
             rate = (end - first) / max(time.perf_counter() - began, 1e-9)
             eta = format_seconds((meta.windows - end) / max(rate, 1e-9))
@@ -330,3 +335,61 @@ def build_targets(out: Path, meta: TargetMeta, split: np.ndarray,
     del store
     os.replace(partial, out)
     return TargetStore(out)
+
+
+@torch.no_grad()
+def distill_targets(teacher: str, out: str, *, kind: str = "ar", windows: int = 1024, k: int = 0,
+                    candidates: int = 0, chunk: int = 64, check_taylor: bool = False,
+                    progress: bool = True):
+    """`tcsm distill-targets`: the exact full-context targets of a teacher run for a pool of
+    ``windows`` training windows, top ``k`` (0: all V) per position, from ``candidates`` per
+    position (0: all V; else the local top plus the clean token; AR teachers only). ``kind``
+    "ar": a `tcsm train-ar` teacher; "denoiser": a masked-diffusion run, one position masked
+    at a time. Returns (the store, the Taylor check or None)."""
+    from .ar_teacher import load_teacher
+    from .run import CHECKPOINT_DIR, ConfigError, load_trained
+
+    if kind not in KINDS:
+        raise ConfigError(f"--kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    if windows <= 0 or k < 0 or candidates < 0 or chunk <= 0:
+        raise ConfigError("--windows and --chunk must be > 0, --k and --candidates >= 0")
+    if kind == "ar":
+        model, config, corpus = load_teacher(teacher)
+    else:
+        trained = load_trained(teacher, device="cpu")
+        if not trained.config.masked:
+            raise ConfigError(f"--teacher {teacher}: a denoiser teacher must be a masked run")
+        model, config, corpus = trained.model.eval(), trained.config, trained.corpus
+        mask_id = trained.corpus.vocab.size
+    vocab = corpus.vocab.size
+    k, candidates = k or vocab, candidates or vocab
+    if k > vocab or candidates > vocab:
+        raise ConfigError(f"--k {k} and --candidates {candidates} must be <= V = {vocab}")
+    if k > candidates:
+        raise ConfigError(f"--k {k} exceeds the candidate set (--candidates {candidates})")
+    if kind == "denoiser" and candidates != vocab:
+        raise ConfigError("--candidates applies to AR teachers (a denoiser scores all V)")
+    run_dir = Path(teacher)
+    checkpoint_file = (run_dir if run_dir.is_file() else run_dir / CHECKPOINT_DIR / "last.pt")
+    meta = TargetMeta(kind, str(run_dir), file_sha256(checkpoint_file), vocab, config.seq_len,
+                      k, candidates, windows, len(corpus.train))
+
+    def compute(x: torch.Tensor):
+        if kind == "denoiser":
+            top = denoiser_log_probs(model, x, mask_id).topk(k, dim=-1)
+            return top.indices, top.values
+        chosen = None
+        if candidates < vocab:
+            chosen = local_candidates(model.log_probs(x), x, candidates)
+        scores, chosen, _ = ar_full_context_scores(model, x, chosen)
+        return topk_of_scores(scores, chosen, k)
+
+    store = build_targets(Path(out), meta, corpus.train, compute, chunk=chunk, progress=progress)
+    report = None
+    if check_taylor:
+        if kind != "ar":
+            raise ConfigError("--check-taylor needs an AR teacher")
+        sample = read_windows(corpus.train, np.asarray(store.starts[:min(64, windows)]),
+                              config.seq_len)
+        report = taylor_check(model, sample)
+    return store, report

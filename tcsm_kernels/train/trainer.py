@@ -28,8 +28,9 @@ from .data import DataError, TokenCorpus, prepare_corpus
 from .evaluate import nelbo_bits
 from .files import write_json_atomic
 from .progress import MetricsLog, ProgressBar
-from .run import (CHECKPOINT_DIR, METRICS_FILE, ConfigError, TrainConfig, autocast_dtype,
-                  build_model, make_process, mask_token, read_config, resolve_device, save_config)
+from .run import (CHECKPOINT_DIR, METRICS_FILE, ConfigError, LossInfo, TrainConfig,
+                  autocast_dtype, build_model, make_process, mask_token, read_config,
+                  resolve_device, save_config, save_loss_info)
 
 
 @dataclass
@@ -128,6 +129,20 @@ def open_session(config: Optional[TrainConfig], session: Session):
     return run_dir, resolve_device(session.device), config
 
 
+def extend_run(run_dir: Path, steps: int) -> TrainConfig:
+    """Raise a run's step count to ``steps`` (its config.json rewritten; the same count again
+    changes nothing). The cosine decay keeps the horizon it was planned with, so the steps
+    already planned keep their learning rates and the extra ones train at the final rate."""
+    config = read_config(run_dir)
+    if steps < config.steps:
+        raise ConfigError(f"--steps {steps}: a resumed run can only be extended; it has "
+                          f"{config.steps} steps")
+    if steps > config.steps:
+        config = dataclasses.replace(config, steps=steps, decay_steps=config.lr_decay_steps)
+        save_config(run_dir, config)
+    return config
+
+
 def resume_checkpoint(run_dir: Path, resume: str) -> Path:
     """The checkpoint a ``--resume`` value names: "last" or a file path."""
     return run_dir / CHECKPOINT_DIR / checkpoint.LAST if resume == "last" else Path(resume)
@@ -159,6 +174,13 @@ class Trainer:
         self.last_loss = float("nan")
         self.started, self.first_step, self.eval_seconds = time.perf_counter(), 0, 0.0
         self.progress = ProgressBar(config.steps, 0, enabled=False)
+        self.pool = None  # window starts (W,) to draw batches from; None: the whole split
+        if world.is_main:
+            save_loss_info(run_dir, self.loss_info())
+
+    def loss_info(self) -> LossInfo:
+        """What the logged loss is (the run's loss.json: the summary and the plot read it)."""
+        return LossInfo.data_target(self.config)
 
     def replace_model(self, model: torch.nn.Module) -> None:
         """Train ``model`` with a new AdamW optimizer and warm-up/cosine schedule (frozen
@@ -167,8 +189,8 @@ class Trainer:
         self.model = model.to(self.world.device)
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay),
                                            lr=config.lr, betas=(0.9, 0.99))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, WarmupCosine(config.warmup, config.steps, config.min_lr_ratio))
+        schedule = WarmupCosine(config.warmup, config.lr_decay_steps, config.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
 
     def restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -180,6 +202,7 @@ class Trainer:
         self.step, self.elapsed_before = state["step"], state["elapsed_s"]
         self.first_step = self.step
         self.metrics.truncate_after(self.step)
+        self.last_loss = self.metrics.last("loss")
 
     def elapsed(self) -> float:
         """Training seconds of the whole run, this invocation included."""
@@ -208,7 +231,8 @@ class Trainer:
 
         self.step += 1
         config, device = self.config, self.world.device
-        batch = make_batch(config, self.corpus, self.process, self.step, self.world)
+        batch = make_batch(config, self.corpus, self.process, self.step, self.world,
+                           self.pool)
         micro = config.batch_size // (self.world.size * config.grad_accum)
         total = torch.zeros((), device=device)
         for m in range(config.grad_accum):
@@ -245,7 +269,9 @@ class Trainer:
                              "elapsed_s": round(e, 3)}
                             for (s, _, lr, e), v in zip(self.pending, values[:-1])])
         self.last_loss = values[-2]
-        self.progress.update(self.step, self.last_loss, self.tokens_per_second())
+        name = "loss estimate" if self.loss_info().estimate else "loss"
+        self.progress.update(self.step, f"{name} {self.last_loss:.4f}  "
+                                        f"{self.tokens_per_second() / 1e3:.1f}k tok/s")
         self.pending = []
         return values[-1] > 0
 
@@ -300,6 +326,7 @@ class Trainer:
                     self.save()
         self.progress.close()
         return {"step": self.step, "steps": config.steps, "loss": self.last_loss,
+                "loss_label": self.loss_info().label, "trained_steps": self.step - self.first_step,
                 "elapsed_s": self.elapsed(), "tokens_per_s": self.tokens_per_second(),
                 "stopped_early": self.step < config.steps}
 
