@@ -7,12 +7,13 @@ exactly what the fused kernels compute in closed form.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from . import _checks, philox
 from .loss_options import LossOptions, LossOutput
+from .ops.step_output import StepOutput, step_result  # noqa: F401 (StepOutput re-exported)
 
 
 class _ClampedExp(torch.autograd.Function):
@@ -290,27 +291,6 @@ def topk_concrete_scores(teacher_logits, target, k, *, temperature=1.0, correcti
     out_dtype = torch.float64 if ct == torch.float64 else torch.float32
     return (order.reshape(batch_shape + (k,)), log_ratios.to(out_dtype).reshape(batch_shape + (k,)),
             lse.to(out_dtype).reshape(batch_shape))
-
-
-class StepOutput(NamedTuple):
-    """Result of one CTMC step; fields not asked for are None. All (...) shaped."""
-
-    x: torch.Tensor
-    x1: Optional[torch.Tensor] = None
-    prob: Optional[torch.Tensor] = None
-    margin: Optional[torch.Tensor] = None
-    entropy: Optional[torch.Tensor] = None
-
-
-def step_result(x_next, x1, prob, margin, entropy, batch_shape, return_x1, return_confidence):
-    """Shape the outputs of a CTMC step the way ``ctmc_step`` promises."""
-    if not (return_x1 or return_confidence):
-        return x_next.reshape(batch_shape)
-    conf = [None, None, None]
-    if return_confidence:
-        conf = [t.reshape(batch_shape) for t in (prob, margin, entropy)]
-    return StepOutput(x_next.reshape(batch_shape), x1.reshape(batch_shape) if return_x1 else None,
-                      *conf)
 
 
 def ctmc_step(logits, x, jump_prob, *, mask_id=None, temperature=1.0, frozen=None, seed=0,

@@ -9,6 +9,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import _backend, _checks, reference
+from .step_output import StepOutput, step_result
 
 NO_MASK = -1
 
@@ -57,10 +58,10 @@ def ctmc_step(logits: torch.Tensor, x: torch.Tensor, jump_prob: torch.Tensor, *,
               mask_id: Optional[int] = None, temperature: float = 1.0,
               frozen: Optional[torch.Tensor] = None, seed: Union[int, torch.Tensor] = 0,
               offset: int = 0, return_x1: bool = False, return_confidence: bool = False,
-              backend: str = "auto",
-              check: Optional[bool] = None):
+              backend: str = "auto", check: Optional[bool] = None
+              ) -> Union[torch.Tensor, StepOutput]:
     """One reverse CTMC step (SPEC 7) from time t to s, fused: x_next (...) int64, or a
-    ``reference.StepOutput`` when ``return_x1`` or ``return_confidence``.
+    ``StepOutput`` when ``return_x1`` or ``return_confidence``.
 
     logits (..., V), any float dtype; x (...) int64/int32 current tokens; jump_prob broadcastable
     to x (e.g. ``schedules`` jump probabilities, per row or per batch). Per row, x1 is drawn from
@@ -103,4 +104,4 @@ def ctmc_step(logits: torch.Tensor, x: torch.Tensor, jump_prob: torch.Tensor, *,
     # NaN/+inf logits make the row's entropy non-finite: checked from (N,), no pass over (N, V)
     _checks.finite_rows(outputs[4], (("logits", flat_logits),),
                         _checks.resolve_check(check, logits.device))
-    return reference.step_result(*outputs, batch_shape, return_x1, return_confidence)
+    return step_result(*outputs, batch_shape, return_x1, return_confidence)
