@@ -35,6 +35,12 @@ class Schedule(ABC):
         t = _as_tensor(t)
         return self.dkappa(t) / (1 - self.kappa(t))
 
+    def mdlm_time_weight(self, t_prime) -> torch.Tensor:
+        """``time_weight`` at MDLM time t' = 1 - t (1 = noise, as in MDLM, SEDD and LLaDA). This
+        default rounds 1 - t' first, which costs relative precision as t' -> 0; a schedule with
+        a closed form in t' overrides it."""
+        return self.time_weight(from_mdlm_time(t_prime))
+
     def jump_prob_exact(self, t, s) -> torch.Tensor:
         """Masked-path probability of unmasking between t and s > t: (k_s - k_t) / (1 - k_t)."""
         t, s = _as_tensor(t), _as_tensor(s)
@@ -91,7 +97,9 @@ class PolynomialSchedule(Schedule):
 class LogLinearSchedule(Schedule):
     """MDLM's log-linear noise: sigma(t') = -log(1 - (1 - eps) t'), kappa(t) = exp(-sigma(1 - t)).
 
-    That is kappa = eps + (1 - eps) t, so the time weight is 1 / (1 - t), MDLM's 1 / t'.
+    That is kappa = eps + (1 - eps) t, so the time weight is 1 / (1 - t), MDLM's 1 / t'; near
+    t' = 0 evaluate it at MDLM time, ``mdlm_time_weight(t')``, not ``time_weight(1 - t')``, whose
+    argument has already lost t''s low digits in float32 (relative error 2e-3 at t' = 1e-5).
     """
 
     eps: float = 1e-3
@@ -105,6 +113,17 @@ class LogLinearSchedule(Schedule):
 
     def dkappa(self, t):
         return torch.full_like(_as_tensor(t), 1 - self.eps)
+
+    def time_weight(self, t) -> torch.Tensor:
+        """``mdlm_time_weight(1 - t)``: 1 - t is exact for t >= 1/2, so unlike the generic
+        dkappa / (1 - kappa), which cancels in 1 - kappa, this keeps float32 precision near t = 1."""
+        return self.mdlm_time_weight(1 - _as_tensor(t))
+
+    def mdlm_time_weight(self, t_prime) -> torch.Tensor:
+        """MDLM's dsigma / expm1(sigma) at MDLM time t', which is exactly 1 / t' for every eps
+        (expm1(sigma) = (1 - eps) t' / (1 - (1 - eps) t') = dsigma t'): correctly rounded down
+        to t' -> 0, and finite at t' = 1 for eps = 0, where MDLM's form is inf / inf."""
+        return 1 / _as_tensor(t_prime)
 
 
 SCHEDULES = {"linear": LinearSchedule, "cosine": CosineSchedule,

@@ -11,6 +11,7 @@ import torch
 
 from .. import _checks
 from ..ops.loss import fused_tcsm_loss
+from ..schedules import LogLinearSchedule
 from . import _args
 
 
@@ -18,23 +19,18 @@ def loglinear_weight(t, eps: float = 1e-3) -> torch.Tensor:
     """MDLM's NELBO weight dsigma / expm1(sigma) of its log-linear noise at MDLM times t in
     (0, 1] (a number or a tensor, e.g. (B,)); float32, or float64 for float64 t.
 
-    Evaluated in MDLM's log1p/expm1 forms, accurate to float32 rounding as t -> 0 (the weight is
-    1 / t, ~1e7 at t = 1e-7). This library's ``LogLinearSchedule().time_weight(1 - t)`` cancels
-    in 1 - kappa instead: relative error 2.6e-5 at t = 1e-3, 2.4e-3 at 1e-5.
+    ``LogLinearSchedule(eps).mdlm_time_weight(t)``, the closed form 1 / t of MDLM's log1p/expm1
+    expression: correctly rounded as t -> 0 (~1e7 at t = 1e-7), where ``time_weight(1 - t)``
+    would have rounded its argument first (relative error 2.4e-3 at t = 1e-5).
     """
-    eps = _args.real("eps", eps)
-    if not 0 <= eps < 1:
-        raise ValueError(f"eps must be in [0, 1), got {eps}")
+    schedule = LogLinearSchedule(_args.real("eps", eps))
     if not isinstance(t, torch.Tensor):
         t = torch.tensor(_args.real("t", t))
     _checks.tensor("t", t, _checks.FLOAT_DTYPES)
     t = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
     if _checks.resolve_check(None, t.device) and bool(((t <= 0) | (t > 1) | t.isnan()).any()):
         raise ValueError("t must lie in (0, 1] (MDLM time, 1 = noise)")
-    # sigma = -log1p(-(1 - eps) t), dsigma = (1 - eps) / (1 - (1 - eps) t)
-    sigma = -torch.log1p(-(1 - eps) * t)
-    dsigma = (1 - eps) / (1 - (1 - eps) * t)
-    return dsigma / torch.expm1(sigma)
+    return schedule.mdlm_time_weight(t)
 
 
 def subs_loss(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, mask_id: int,
