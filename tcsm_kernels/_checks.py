@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from .loss_options import BACKENDS, DIVERGENCES, LossCase, LossOptions  # noqa: F401
+from .schedules import LinearSchedule, Schedule, get_schedule
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FLOAT_DTYPES = FUSED_DTYPES + (torch.float64,)
@@ -309,11 +310,23 @@ def loss_inputs(logits, target, *, teacher_logits, teacher_topk, weight, normali
                       topk_values, batch_shape, vocab, case, class_weight)
 
 
-def philox_int(name: str, value) -> int:
-    """A Philox seed or offset given as a Python int: in [0, 2**63)."""
+def python_int(name: str, value) -> int:
+    """``value`` when it is a Python int (a bool is not one)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not 0 <= value < 2**63:
+    return value
+
+
+def integer(name: str, value, minimum: int) -> int:
+    """A Python int >= minimum."""
+    if python_int(name, value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def philox_int(name: str, value) -> int:
+    """A Philox seed or offset given as a Python int: in [0, 2**63)."""
+    if not 0 <= python_int(name, value) < 2**63:
         raise ValueError(f"{name} must be in [0, 2**63), got {value}")
     return value
 
@@ -367,9 +380,7 @@ def step_inputs(logits, x, jump_prob, *, mask_id, temperature, frozen, seed, off
 def topk_inputs(teacher_logits, target, k, *, temperature, correction, backend, check=None):
     """Validate ``topk_concrete_scores`` arguments; returns rows views."""
     vocab, batch_shape = rows_and_ids("teacher_logits", teacher_logits, "target", target)
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if not 1 <= k <= vocab:
+    if not 1 <= python_int("k", k) <= vocab:
         raise ValueError(f"k must be in [1, V={vocab}], got {k}")
     positive_finite("temperature", temperature)
     choice("backend", backend, BACKENDS)
@@ -389,3 +400,92 @@ def topk_inputs(teacher_logits, target, k, *, temperature, correction, backend, 
         if correction is not None:
             finite("correction", correction)
     return flat_u, flat_target, correction, batch_shape
+
+
+# ----------------------------------------------------------------------------- samplers, processes
+
+def function(name: str, value, call: str) -> None:
+    """A callable, ``call`` saying how it is called (for the message)."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable as {call}, got {type(value).__name__}")
+
+
+def token_matrix(name: str, value, shape: str = "(B, L)", *, empty_ok: bool = True
+                 ) -> torch.Tensor:
+    """Token ids of shape (B, L) (``shape`` names the dimensions), int64 or int32."""
+    tensor(name, value, INDEX_DTYPES)
+    if value.dim() != 2:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+    if not empty_ok and value.numel() == 0:
+        raise ValueError(f"{name} must be non-empty")
+    return value
+
+
+def bool_like(name: str, value, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    """An optional bool tensor with the shape and device of ``like``; None: all False."""
+    if value is None:
+        return torch.zeros_like(like, dtype=torch.bool)
+    tensor(name, value, (torch.bool,))
+    same_device(name, value, like, like_name)
+    if value.shape != like.shape:
+        raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, "
+                         f"got {tuple(value.shape)}")
+    return value
+
+
+def schedule(value) -> Schedule:
+    """A Schedule, a schedule name (``schedules.get_schedule``) or None (linear)."""
+    if value is None:
+        return LinearSchedule()
+    if isinstance(value, str):
+        return get_schedule(value)
+    if not isinstance(value, Schedule):
+        raise TypeError("schedule must be a tcsm_kernels.schedules.Schedule, a schedule name or "
+                        f"None, got {type(value).__name__}")
+    return value
+
+
+def cuda_graph_flag(value, x: torch.Tensor) -> bool:
+    """A sampler's ``cuda_graph``: a bool, True only for CUDA tensors x."""
+    if not isinstance(value, bool):
+        raise TypeError(f"cuda_graph must be a bool, got {type(value).__name__}")
+    if value and x.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs CUDA tensors; x_init is on {x.device}")
+    return value
+
+
+def denoiser_logits(logits, x: torch.Tensor, min_vocab: int) -> None:
+    """A denoiser's output for x (B, L): float logits (B, L, V) with V >= min_vocab (the mask
+    column, when there is one, must be a column); in checked mode also x's ids below V."""
+    if not isinstance(logits, torch.Tensor) or logits.dtype not in FLOAT_DTYPES:
+        raise TypeError("model must return a floating-point tensor of logits (B, L, V), got "
+                        f"{getattr(logits, 'dtype', type(logits).__name__)}")
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(x.shape):
+        raise ValueError(f"model must return logits of shape {tuple(x.shape) + ('V',)}, got "
+                         f"{tuple(logits.shape)}")
+    if logits.shape[2] < min_vocab:
+        raise ValueError(f"model returned V={logits.shape[2]} columns but at least {min_vocab} "
+                         "are needed (mask_id must be a column of the logits)")
+    if resolve_check(None, x.device):
+        ids_in_range("x_init", x, logits.shape[2])
+
+
+def process_inputs(name: str, ids, t, vocab_size: int) -> torch.Tensor:
+    """A forward process's tokens ids (B, ...) in [0, vocab_size) (checked on every device) and
+    times t, one per sequence (B,) or one for all, in [0, 1]; returns t as (B, 1, ...) floats,
+    broadcasting over ids."""
+    tensor(name, ids, INDEX_DTYPES)
+    if ids.dim() < 1:
+        raise ValueError(f"{name} must have shape (B, ...)")
+    ids_in_range(name, ids, vocab_size)
+    t = torch.as_tensor(t, device=ids.device)
+    if not t.is_floating_point():
+        t = t.float()
+    if t.dim() == 0:
+        t = t.expand(ids.shape[0])
+    if t.shape != (ids.shape[0],):
+        raise ValueError(f"t must have shape ({ids.shape[0]},) (one time per sequence), "
+                         f"got {tuple(t.shape)}")
+    if t.numel() and (bool((t < 0).any()) or bool((t > 1).any())):
+        raise ValueError("t must lie in [0, 1]")
+    return t.reshape((-1,) + (1,) * (ids.dim() - 1))

@@ -11,27 +11,8 @@ from typing import Optional
 
 import torch
 
+from . import _checks
 from .schedules import Schedule
-
-
-def _check(x1: torch.Tensor, t: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    if not isinstance(x1, torch.Tensor) or x1.dtype not in (torch.int64, torch.int32):
-        raise TypeError("x1 must be an integer tensor of token ids")
-    if x1.dim() < 1:
-        raise ValueError("x1 must have shape (B, ...)")
-    if x1.numel() and (int(x1.min()) < 0 or int(x1.max()) >= vocab_size):
-        raise ValueError(f"x1 holds ids outside [0, {vocab_size})")
-    t = torch.as_tensor(t, device=x1.device)
-    if not t.is_floating_point():
-        t = t.float()
-    if t.dim() == 0:
-        t = t.expand(x1.shape[0])
-    if t.shape != (x1.shape[0],):
-        raise ValueError(f"t must have shape ({x1.shape[0]},) (one time per sequence), "
-                         f"got {tuple(t.shape)}")
-    if t.numel() and (bool((t < 0).any()) or bool((t > 1).any())):
-        raise ValueError("t must lie in [0, 1]")
-    return t.reshape((-1,) + (1,) * (x1.dim() - 1))
 
 
 @dataclass(frozen=True)
@@ -43,19 +24,17 @@ class MaskedProcess:
     mask_id: int
 
     def __post_init__(self):
-        if not 0 <= self.mask_id < self.vocab_size:
-            raise ValueError(f"mask_id={self.mask_id} is out of range for vocab_size="
-                             f"{self.vocab_size}")
+        _checks.column_id("mask_id", self.mask_id, self.vocab_size)
 
     def sample(self, x1: torch.Tensor, t, generator: Optional[torch.Generator] = None):
         """x_t with the shape of x1 (B, ...)."""
-        t = _check(x1, t, self.vocab_size)
+        t = _checks.process_inputs("x1", x1, t, self.vocab_size)
         noise = torch.rand(x1.shape, generator=generator, device=x1.device) >= self.schedule.kappa(t)
         return torch.where(noise, torch.full_like(x1, self.mask_id), x1)
 
     def loss_weight(self, x_t: torch.Tensor, t) -> torch.Tensor:
         """Per-position ELBO weight w(t) [x_t == mask_id] (SPEC 1), float32 like x_t."""
-        t = _check(x_t, t, self.vocab_size)
+        t = _checks.process_inputs("x_t", x_t, t, self.vocab_size)
         return (self.schedule.time_weight(t) * (x_t == self.mask_id)).float()
 
 
@@ -67,7 +46,8 @@ class UniformProcess:
     vocab_size: int
 
     def sample(self, x1: torch.Tensor, t, generator: Optional[torch.Generator] = None):
-        t = _check(x1, t, self.vocab_size)
+        """x_t with the shape of x1 (B, ...)."""
+        t = _checks.process_inputs("x1", x1, t, self.vocab_size)
         noise = torch.rand(x1.shape, generator=generator, device=x1.device) >= self.schedule.kappa(t)
         fresh = torch.randint(0, self.vocab_size, x1.shape, generator=generator, device=x1.device,
                               dtype=x1.dtype)
@@ -75,5 +55,5 @@ class UniformProcess:
 
     def loss_weight(self, x_t: torch.Tensor, t) -> torch.Tensor:
         """Every position carries loss with weight w(t)."""
-        t = _check(x_t, t, self.vocab_size)
+        t = _checks.process_inputs("x_t", x_t, t, self.vocab_size)
         return self.schedule.time_weight(t).expand(x_t.shape).float()

@@ -115,8 +115,9 @@ class LogLinearSchedule(Schedule):
         return torch.full_like(_as_tensor(t), 1 - self.eps)
 
     def time_weight(self, t) -> torch.Tensor:
-        """``mdlm_time_weight(1 - t)``: 1 - t is exact for t >= 1/2, so unlike the generic
-        dkappa / (1 - kappa), which cancels in 1 - kappa, this keeps float32 precision near t = 1."""
+        """1 / (1 - t) as ``mdlm_time_weight(1 - t)``: 1 - t is exact for t >= 1/2, so unlike
+        the generic dkappa / (1 - kappa), which cancels in 1 - kappa, this keeps float32
+        precision near t = 1."""
         return self.mdlm_time_weight(1 - _as_tensor(t))
 
     def mdlm_time_weight(self, t_prime) -> torch.Tensor:

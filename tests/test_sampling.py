@@ -404,18 +404,12 @@ def test_capturable_masked_loop_reads_nothing_and_matches_eager(options):
     frozen[1, 5] = True
     want, want_path = sampling.sample_masked(model, x, steps=steps, mask_id=MASK, seed=11,
                                              frozen=frozen, return_trajectory=True, **options)
-    opts = sampling._MaskedOptions(
-        steps=steps, mask_id=MASK, schedule=sampling._resolve_schedule(options.get("schedule")),
-        method=options["method"], tokens_per_step=options.get("tokens_per_step"),
-        confidence=options.get("confidence", "low_confidence"),
-        block_length=options.get("block_length"), temperature=1.0, final_denoise=True)
-    movable = (x == MASK) & ~frozen
-    tables = sampling._plan_tables(opts, sampling._num_blocks(movable, opts.block_length, steps),
-                                   x.shape[0], x.device)
+    sampler = sampling.samplers.MaskedSampler.validated(steps=steps, mask_id=MASK, **options)
+    tables = sampler.tables(x, frozen)
     seed = torch.tensor(11)
     with NoHostReads():
-        got, got_path = sampling._masked_loop(model, x, frozen, seed, opts, tables, cache=False,
-                                              check=False, return_trajectory=True)
+        got, got_path = sampler.loop(tables, frozen, seed, cache=False, check=False).run(
+            model, x, return_trajectory=True)
     assert torch.equal(got, want)
     assert all(torch.equal(a, b) for a, b in zip(got_path, want_path))
 
@@ -424,10 +418,11 @@ def test_capturable_uniform_loop_reads_nothing_and_matches_eager():
     model = EmbeddingDenoiser(10, V)
     x = torch.randint(0, V, (4, 10), generator=torch.Generator().manual_seed(2))
     want = sampling.sample_uniform(model, x, steps=6, seed=5)
-    times = sampling._time_table(6, 4, "cpu")
-    jumps = sampling._jump_probs(LinearSchedule(), 6, "euler").float()
+    sampler = sampling.samplers.UniformSampler.validated(steps=6, schedule=LinearSchedule())
+    frozen = torch.zeros_like(x, dtype=torch.bool)
+    tables = sampler.tables(x, frozen)
     with NoHostReads():
-        got = sampling._uniform_loop(model, x, torch.tensor(5), times, jumps, 1.0, check=False)
+        got = sampler.loop(tables, frozen, torch.tensor(5), cache=False, check=False).run(model, x)
     assert torch.equal(got, want)
 
 
@@ -448,7 +443,7 @@ def test_cuda_graph_matches_eager(options):
                                          return_trajectory=True, cuda_graph=True, **options)
         assert torch.equal(eager[0], graphed[0])
         assert all(torch.equal(a, b) for a, b in zip(eager[1], graphed[1]))
-    assert len(sampling._GRAPHS) == 1
+    assert len(sampling.graphs._GRAPHS) == 1
 
 
 @pytest.mark.gpu
@@ -460,4 +455,4 @@ def test_cuda_graph_uniform_matches_eager():
         eager = sampling.sample_uniform(model, x, steps=6, seed=seed)
         graphed = sampling.sample_uniform(model, x, steps=6, seed=seed, cuda_graph=True)
         assert torch.equal(eager, graphed)
-    assert len(sampling._GRAPHS) == 1
+    assert len(sampling.graphs._GRAPHS) == 1

@@ -1,6 +1,7 @@
-"""Argument conversions the adapters share: the originals take numpy integers and 0/1 integer
-masks where this library takes Python ints and bool tensors. Each raises ``TypeError`` or
-``ValueError`` naming the argument."""
+"""Argument conversions the adapters share: the originals take numpy integers and reals and 0/1
+integer masks where this library takes Python ints and floats and bool tensors; the checks
+themselves are ``_checks``'. Each raises ``TypeError`` or ``ValueError`` naming the argument.
+Also the Philox seed of an adapter call, drawn from a torch generator."""
 from __future__ import annotations
 
 import math
@@ -14,11 +15,9 @@ from .. import _checks
 
 def integer(name: str, value, minimum: int) -> int:
     """A Python or numpy integer (not a bool) >= minimum, as an int."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)
+    return _checks.integer(name, value, minimum)
 
 
 def real(name: str, value) -> float:
@@ -42,7 +41,7 @@ def mask(name: str, value) -> torch.Tensor:
     return value != 0
 
 
-def philox_seed(generator: Optional[torch.Generator] = None) -> int:
+def draw_seed(generator: Optional[torch.Generator] = None) -> int:
     """A Philox seed for one call, drawn from ``generator`` (default: torch's global one), so
     ``torch.manual_seed`` makes the call reproducible."""
     return int(torch.randint(0, 2**62, (1,), generator=generator))

@@ -8,7 +8,7 @@ Time runs as in flow_matching and this library: t = 1 is data, alpha_t = kappa_t
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, List, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from torch.nn.modules.loss import _Loss
 from .. import _checks, philox
 from ..ops.ctmc_step import ctmc_step
 from ..ops.loss import fused_tcsm_loss
-from ..sampling import progress_steps
+from ..sampling.skeleton import StepLoop
 from ..schedules import Schedule
 from . import _args
 
@@ -161,8 +161,7 @@ class MixtureDiscreteEulerSolver(nn.Module):
                  source_distribution_p: Optional[torch.Tensor] = None, *,
                  generator: Optional[torch.Generator] = None, backend: str = "auto"):
         super().__init__()
-        if not callable(model):
-            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        _checks.function("model", model, "model(x=x_t, t=t, **model_extras)")
         vocabulary_size = _args.integer("vocabulary_size", vocabulary_size, 1)
         if source_distribution_p is not None:
             _checks.tensor("source_distribution_p", source_distribution_p, _checks.FLOAT_DTYPES)
@@ -210,29 +209,13 @@ class MixtureDiscreteEulerSolver(nn.Module):
         t_next = grid[:-1] + (grid[1:] - grid[:-1])
         keep = (t_next[:, None] == kept[None, :]).any(dim=1).tolist()
 
-        seed = _args.philox_seed(self.generator)
-        n_steps = grid.numel() - 1
+        steps = _EulerSteps(self, grid, keep, div_free, dtype_categorical, x_init.dtype,
+                            _args.draw_seed(self.generator), model_extras)
         x_t = x_init.long()
-        states = [x_t] if return_intermediates else []
-        for i in progress_steps(n_steps, verbose, desc="NFE"):
-            t = grid[i:i + 1]
-            probs = self.model(x=x_t.to(x_init.dtype), t=t.repeat(x_t.shape[0]), **model_extras)
-            _checks.tensor("the model's output", probs, _checks.FLOAT_DTYPES)
-            if probs.shape != x_t.shape + (self.vocabulary_size,):
-                raise ValueError(f"the model must return probabilities of shape "
-                                 f"{tuple(x_t.shape) + (self.vocabulary_size,)}, got "
-                                 f"{tuple(probs.shape)}")
-            logits = probs.to(dtype_categorical).log()
-            if i == n_steps - 1:
-                x_t = ctmc_step(logits, x_t, torch.ones((), device=x_t.device), seed=seed,
-                                offset=i, backend=self.backend)
-            else:
-                c = float(div_free(t)) if callable(div_free) else div_free
-                x_t = self._step(logits, x_t, t, grid[i + 1:i + 2] - t, c, seed, i)
-            if return_intermediates and keep[i]:
-                states.append(x_t)
         if not return_intermediates:
-            return x_t
+            return steps.run(self.model, x_t, progress=verbose)
+        _, states = steps.run(self.model, x_t, progress=verbose, return_trajectory=True)
+        states = [x_t] + states
         stacked = torch.stack(states, dim=0)
         if step_size is None:
             return stacked
@@ -253,18 +236,60 @@ class MixtureDiscreteEulerSolver(nn.Module):
         return torch.tensor([t_init + step_size * i for i in range(n_steps)] + [t_final],
                             device=time_grid.device)
 
-    def _step(self, logits, x_t, t, h, div_free_t: float, seed: int, step: int) -> torch.Tensor:
-        """One Euler step (not the last) from t to t + h; x_t (B, ...) int64."""
-        sched = self.path.scheduler(t=t)
+
+class _EulerSteps(StepLoop):
+    """The steps of one ``MixtureDiscreteEulerSolver.sample`` call on ``grid`` (n + 1,): step k
+    calls the model at grid[k] and moves x to grid[k + 1]; ``keep[k]``: the trajectory keeps
+    the state after step k."""
+
+    progress_label = "NFE"
+
+    def __init__(self, solver: MixtureDiscreteEulerSolver, grid: torch.Tensor, keep: List[bool],
+                 div_free: Union[float, Callable[[torch.Tensor], float]],
+                 dtype_categorical: torch.dtype, x_dtype: torch.dtype, seed: int,
+                 model_extras: dict):
+        self.solver, self.grid, self.keep, self.div_free = solver, grid, keep, div_free
+        self.dtype_categorical, self.x_dtype = dtype_categorical, x_dtype
+        self.seed, self.model_extras = seed, model_extras
+        self.steps = grid.numel() - 1
+
+    def logits(self, model, x: torch.Tensor, k: int) -> torch.Tensor:
+        """log of the model's probabilities (B, ..., V) in dtype_categorical; the model sees x
+        with x_init's dtype."""
+        probs = model(x=x.to(self.x_dtype), t=self.grid[k:k + 1].repeat(x.shape[0]),
+                      **self.model_extras)
+        _checks.tensor("the model's output", probs, _checks.FLOAT_DTYPES)
+        shape = x.shape + (self.solver.vocabulary_size,)
+        if probs.shape != shape:
+            raise ValueError(f"the model must return probabilities of shape {tuple(shape)}, got "
+                             f"{tuple(probs.shape)}")
+        return probs.to(self.dtype_categorical).log()
+
+    def update(self, k: int, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if k == self.steps - 1:  # the last step sets x_t = x_1
+            return ctmc_step(logits, x, torch.ones((), device=x.device), seed=self.seed,
+                             offset=k, backend=self.solver.backend)
+        t = self.grid[k:k + 1]
+        div_free_t = float(self.div_free(t)) if callable(self.div_free) else self.div_free
+        return self._euler_step(logits, x, t, self.grid[k + 1:k + 2] - t, div_free_t, k)
+
+    def keeps(self, k: int) -> bool:
+        return self.keep[k]
+
+    def _euler_step(self, logits: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                    h: torch.Tensor, div_free_t: float, step: int) -> torch.Tensor:
+        """One Euler step (not the last) from t to t + h (each (1,)); x_t (B, ...) int64."""
+        solver, seed = self.solver, self.seed
+        sched = solver.path.scheduler(t=t)
         to_x1 = sched.d_alpha_t / (1 - sched.alpha_t)  # the rate toward x_1, w
         if not div_free_t > 0:
             return ctmc_step(logits, x_t, (-torch.expm1(-h * to_x1)).clamp(0, 1), seed=seed,
-                             offset=step, backend=self.backend)
+                             offset=step, backend=solver.backend)
         if not bool((sched.alpha_t > 0).all()):
             raise ValueError(f"div_free > 0 at t={float(t)}, where alpha_t = 0: the source rate "
                              "d_alpha_t / alpha_t is not finite (start time_grid above 0 or "
                              "make div_free vanish there)")
-        p0 = self.source_distribution_p.to(device=x_t.device, dtype=torch.float64)
+        p0 = solver.source_distribution_p.to(device=x_t.device, dtype=torch.float64)
         cdf = p0.cumsum(0)
         p0_xt = p0[x_t]
         # rates out of x_t: (1 + c) w toward x_1, c d_alpha / alpha p_0(y) toward each y != x_t
@@ -276,7 +301,7 @@ class MixtureDiscreteEulerSolver(nn.Module):
         via_x1 = torch.where(total > 0, moves * to_x1 / total, 0)
         via_source = torch.where(total > 0, moves * to_source / total, 0)
         out = ctmc_step(logits, x_t, via_x1, seed=seed, offset=step, return_x1=True,
-                        backend=self.backend)
+                        backend=solver.backend)
         # P(source jump | the step op's outcome): all of it when x_1 = x_t (its x_1 part is
         # void), none after a move to x_1, else via_source / (1 - via_x1)
         p_source = torch.where(out.x1 == x_t, -torch.expm1(-h * to_source),

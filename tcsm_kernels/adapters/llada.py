@@ -105,7 +105,7 @@ def get_transfer_index(logits: torch.Tensor, temperature: float, remasking: str,
         x0 = logits.argmax(dim=-1)
     else:
         out = ctmc_step(logits, x, torch.zeros((), device=x.device), temperature=temperature,
-                        seed=_args.philox_seed(), return_x1=True,
+                        seed=_args.draw_seed(), return_x1=True,
                         return_confidence=remasking == "low_confidence" and temperature == 1.0)
         x0 = out.x1
     if remasking == "low_confidence":
@@ -162,9 +162,7 @@ def generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 12
     0 the tokens equal the originals'; with temperature > 0 the draws are Philox ones (same
     distribution, another stream).
     """
-    _checks.tensor("prompt", prompt, _checks.INDEX_DTYPES)
-    if prompt.dim() != 2:
-        raise ValueError(f"prompt must have shape (B, P), got {tuple(prompt.shape)}")
+    _checks.token_matrix("prompt", prompt, "(B, P)")
     steps = _args.integer("steps", steps, 1)
     gen_length = _args.integer("gen_length", gen_length, 1)
     block_length = _args.integer("block_length", block_length, 1)
