@@ -404,8 +404,8 @@ def topk_inputs(teacher_logits, target, k, *, temperature, correction, backend, 
 
 # ----------------------------------------------------------------------------- samplers, processes
 
-def function(name: str, value, call: str) -> None:
-    """A callable, ``call`` saying how it is called (for the message)."""
+def callable_as(name: str, value, call: str) -> None:
+    """A callable; ``call`` shows how it is called (for the message)."""
     if not callable(value):
         raise TypeError(f"{name} must be callable as {call}, got {type(value).__name__}")
 
@@ -455,8 +455,9 @@ def cuda_graph_flag(value, x: torch.Tensor) -> bool:
 
 
 def denoiser_logits(logits, x: torch.Tensor, min_vocab: int) -> None:
-    """A denoiser's output for x (B, L): float logits (B, L, V) with V >= min_vocab (the mask
-    column, when there is one, must be a column); in checked mode also x's ids below V."""
+    """A sampler's denoiser output for x (B, L): float logits (B, L, V) with V >= min_vocab (the
+    mask column, when there is one, must be a column); in checked mode also x's ids below V
+    (named x_init, the sampler's argument)."""
     if not isinstance(logits, torch.Tensor) or logits.dtype not in FLOAT_DTYPES:
         raise TypeError("model must return a floating-point tensor of logits (B, L, V), got "
                         f"{getattr(logits, 'dtype', type(logits).__name__)}")

@@ -161,7 +161,7 @@ class MixtureDiscreteEulerSolver(nn.Module):
                  source_distribution_p: Optional[torch.Tensor] = None, *,
                  generator: Optional[torch.Generator] = None, backend: str = "auto"):
         super().__init__()
-        _checks.function("model", model, "model(x=x_t, t=t, **model_extras)")
+        _checks.callable_as("model", model, "model(x=x_t, t=t, **model_extras)")
         vocabulary_size = _args.integer("vocabulary_size", vocabulary_size, 1)
         if source_distribution_p is not None:
             _checks.tensor("source_distribution_p", source_distribution_p, _checks.FLOAT_DTYPES)

@@ -148,7 +148,7 @@ def sample(sampler: Sampler, model: Denoiser, x_init: torch.Tensor, *,
     the seed are copied into its static buffers, every step runs, ``progress`` is not shown.
     Returns x (B, L) with x_init's dtype, and with ``return_trajectory`` the states after each
     step."""
-    _checks.function("model", model, "model(x_t, t)")
+    _checks.callable_as("model", model, "model(x_t, t)")
     x = _checks.token_matrix("x_init", x_init, empty_ok=False)
     frozen = _checks.bool_like("frozen", frozen, x, "x_init")
     seed = _checks.philox_int("seed", seed)
