@@ -396,10 +396,30 @@ def topk_inputs(teacher_logits, target, k, *, temperature, correction, backend, 
     flat_target = target.reshape(rows)
     if resolve_check(check, teacher_logits.device):
         ids_in_range("target", flat_target, vocab)
-        finite("teacher_logits", flat_u)
-        if correction is not None:
-            finite("correction", correction)
     return flat_u, flat_target, correction, batch_shape
+
+
+def topk_outputs(lse: torch.Tensor, log_ratios: torch.Tensor, teacher_logits: torch.Tensor,
+                 correction: Optional[torch.Tensor], check: bool) -> None:
+    """Checked mode of ``topk_concrete_scores`` in O(N k): a NaN or +inf teacher logit, a
+    non-finite correction at a chosen column, or a -inf target logit makes the row's LSE or
+    log-ratios non-finite, so the (N,) and (N, k) outputs are inspected instead of a separate
+    pass over (N, V). teacher_logits (N, V), correction as given (N, V) / (N, k) or None."""
+    if not check or lse.numel() == 0:
+        return
+    bad = ~torch.isfinite(lse) | ~torch.isfinite(log_ratios).all(1)
+    if not bool(bad.any()):
+        return
+    row = int(bad.nonzero()[0, 0])
+    values = teacher_logits[row]
+    if bool((torch.isnan(values) | (values == float("inf"))).any()):
+        raise ValueError(f"teacher_logits contains NaN or +inf (row {row}); pass check=False "
+                         "to skip this check")
+    if correction is not None and not bool(torch.isfinite(correction[row]).all()):
+        raise ValueError(f"correction contains NaN or inf (row {row}); pass check=False to "
+                         "skip this check")
+    raise ValueError(f"teacher_logits row {row}: the target's logit (or the whole row) is -inf, "
+                     "so its log-ratios are infinite; pass check=False to get them")
 
 
 # ----------------------------------------------------------------------------- samplers, processes

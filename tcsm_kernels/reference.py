@@ -288,6 +288,7 @@ def topk_concrete_scores(teacher_logits, target, k, *, temperature=1.0, correcti
         per_column = corr.shape[1] == u.shape[1]
         log_ratios = log_ratios + (corr.gather(1, order) if per_column else corr)
     lse = torch.logsumexp(u / temperature, dim=1)
+    _checks.topk_outputs(lse, log_ratios, u, corr, _checks.resolve_check(check, u.device))
     out_dtype = torch.float64 if ct == torch.float64 else torch.float32
     return (order.reshape(batch_shape + (k,)), log_ratios.to(out_dtype).reshape(batch_shape + (k,)),
             lse.to(out_dtype).reshape(batch_shape))

@@ -70,10 +70,11 @@ def topk_concrete_scores(teacher_logits: torch.Tensor, target: torch.Tensor, k: 
         teacher_logits, target, k, temperature=temperature, correction=correction,
         backend=backend, check=check)
     chosen = _backend.resolve(backend, teacher_logits.device, teacher_logits.dtype)
+    checked = _checks.resolve_check(check, teacher_logits.device)
     if chosen == "reference":
         return reference.topk_concrete_scores(teacher_logits, target, k, temperature=temperature,
                                               correction=correction, backend="reference",
-                                              check=False)
+                                              check=checked)
     indices, log_ratios, lse = _topk_scores_op(
         flat_u.detach(), flat_target.to(torch.int64).contiguous(), k, float(temperature), chosen)
     if flat_correction is not None:
@@ -81,6 +82,7 @@ def topk_concrete_scores(teacher_logits: torch.Tensor, target: torch.Tensor, k: 
         per_column = flat_correction.shape[1] == flat_u.shape[1]
         picked = flat_correction.gather(1, indices) if per_column else flat_correction
         log_ratios = log_ratios + picked.to(torch.float32)
+    _checks.topk_outputs(lse, log_ratios, flat_u, flat_correction, checked)
     return (indices.reshape(batch_shape + (k,)), log_ratios.reshape(batch_shape + (k,)),
             lse.reshape(batch_shape))
 
