@@ -10,12 +10,12 @@ from .ops.linear_loss import TCSMLinearLoss, fused_linear_tcsm_loss
 from .ops.loss import TCSMLoss, fused_tcsm_loss, release_buffer_cache
 from .ops.row_lse import row_logsumexp
 from .ops.topk_scores import TopKTarget, topk_concrete_scores, topk_log_probs
-from .loss_options import LOSS_CASES, LossOptions
+from .loss_options import LOSS_CASES, LossOptions, LossOutput
 from .processes import MaskedProcess, UniformProcess
 from .schedules import get_schedule
 
-__all__ = ["fused_tcsm_loss", "TCSMLoss", "fused_linear_tcsm_loss", "TCSMLinearLoss", "release_buffer_cache", "ctmc_step",
-           "topk_concrete_scores", "reference", "schedules", "processes", "MaskedProcess",
+__all__ = ["fused_tcsm_loss", "TCSMLoss", "fused_linear_tcsm_loss", "TCSMLinearLoss",
+           "release_buffer_cache", "ctmc_step", "topk_concrete_scores", "reference", "schedules", "processes", "MaskedProcess",
            "UniformProcess", "get_schedule", "row_logsumexp", "topk_log_probs", "TopKTarget",
-           "LOSS_CASES", "LossOptions"]
+           "LOSS_CASES", "LossOptions", "LossOutput"]
 __version__ = "0.1.0"

@@ -127,9 +127,9 @@ def run_kernel(case: Case, device: str, inplace: bool = False):
 
     logits = dev(case.logits).clone()
     grad = logits if inplace else torch.full_like(logits, float("nan"))
-    loss = loss_kernels.tcsm_loss_rows(
-        logits, dev(case.target), dev(case.weight), dev(case.teacher), dev(case.topk_indices),
-        dev(case.topk_values), grad, options(case))
+    loss, _ = loss_kernels.tcsm_loss_rows(
+        logits, dev(case.target), dev(case.weight), None, dev(case.teacher),
+        dev(case.topk_indices), dev(case.topk_values), grad, options(case))
     return loss.cpu(), grad.cpu()
 
 
@@ -268,8 +268,8 @@ def test_strided_rows_and_broadcast_weight(triton_device, combo):
         idx.copy_(case.topk_indices)
         ratios = padded(case.topk_values, 1)
     assert logits.stride(0) == v + 5 and target.stride(0) == 2 and grad.stride(0) == v + 9
-    loss = loss_kernels.tcsm_loss_rows(
-        logits, target, case.weight.to(triton_device), teacher, idx, ratios, grad,
+    loss, _ = loss_kernels.tcsm_loss_rows(
+        logits, target, case.weight.to(triton_device), None, teacher, idx, ratios, grad,
         replace(options(case), mask_id=7))
     assert_no_worse(loss.cpu(), eager_loss, truth_loss, SLACK[torch.float32], "loss")
     assert_no_worse(grad.cpu(), eager_grad, truth_grad, SLACK[torch.float32], "grad")

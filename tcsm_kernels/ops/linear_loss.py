@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from .. import _backend, _checks, reference
-from ..loss_options import LossOptions
-from .loss import _row_weights, _run_kernel
+from ..loss_options import LossOptions, LossOutput
+from .loss import _row_weights, _run_kernel, kernel_class_weight, reduced_z_loss
 
 # chunk_rows="auto": the (chunk, V) buffers of one chunk stay below this many bytes.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -63,13 +63,15 @@ def chunk_row_count(chunk_rows, rows: int, vocab: int, dtype: torch.dtype,
     return max(1, min(rows, int(budget // per_row)))
 
 
-def _chunked_pass(hidden, weight, bias, target, row_weights, teacher_logits, teacher_hidden,
-                  teacher_weight, teacher_bias, topk_indices, topk_values, options: LossOptions,
-                  backend: str, chunk: int, with_grads: bool):
-    """Row losses (N,) float32 and, if ``with_grads``, (grad_hidden (N, D) in hidden's dtype,
-    grad_weight (V, D) float32, grad_bias (V,) float32 or None)."""
+def _chunked_pass(hidden, weight, bias, target, row_weights, class_weight, teacher_logits,
+                  teacher_hidden, teacher_weight, teacher_bias, topk_indices, topk_values,
+                  options: LossOptions, backend: str, chunk: int, with_grads: bool):
+    """Row losses (N,) float32, row LSEs ((N,) with ``return_lse``, else empty) and, if
+    ``with_grads``, (grad_hidden (N, D) in hidden's dtype, grad_weight (V, D) float32,
+    grad_bias (V,) float32 or None)."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     losses = hidden.new_empty(rows, dtype=torch.float32)
+    lse = hidden.new_zeros(rows if options.return_lse else 0, dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if with_grads else None
     grad_weight = weight.new_zeros(weight.shape, dtype=torch.float32) if with_grads else None
     grad_bias = None
@@ -97,10 +99,12 @@ def _chunked_pass(hidden, weight, bias, target, row_weights, teacher_logits, tea
                 torch.addmm(teacher_bias.to(hidden.dtype), teacher_hidden[begin:end].to(
                     hidden.dtype), tw.T, out=teacher_c)
         sl = slice(begin, end)
-        losses[sl] = _run_kernel(
-            z, target[sl], None if row_weights is None else row_weights[sl], teacher_c,
-            None if topk_indices is None else topk_indices[sl],
+        losses[sl], lse_c = _run_kernel(
+            z, target[sl], None if row_weights is None else row_weights[sl], class_weight,
+            teacher_c, None if topk_indices is None else topk_indices[sl],
             None if topk_values is None else topk_values[sl], z, options, backend)
+        if options.return_lse:
+            lse[sl] = lse_c
         if not with_grads:
             continue
         torch.mm(z, weight, out=grad_hidden[sl])  # z now holds d loss / d logits
@@ -108,65 +112,75 @@ def _chunked_pass(hidden, weight, bias, target, row_weights, teacher_logits, tea
         grad_weight.addmm_(g.T, h.float() if low_precision else h)
         if grad_bias is not None:
             grad_bias += g.sum(0)
-    return losses, grad_hidden, grad_weight, grad_bias
+    return losses, lse, grad_hidden, grad_weight, grad_bias
 
 
 @torch.library.custom_op("tcsm::linear_loss_rows", mutates_args=())
 def _linear_loss_rows(
         hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         target: torch.Tensor, row_weights: Optional[torch.Tensor],
-        teacher_logits: Optional[torch.Tensor], teacher_hidden: Optional[torch.Tensor],
-        teacher_weight: Optional[torch.Tensor], teacher_bias: Optional[torch.Tensor],
-        topk_indices: Optional[torch.Tensor], topk_values: Optional[torch.Tensor],
-        divergence: str, objective: str, tail: str, mask_id: int, temperature: float,
-        ignore_index: int, max_log_ratio: float, backend: str, chunk: int
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat rows: hidden (N, D), weight (V, D). Returns the row losses (N,) float32 and the
-    gradients for unit upstream gradient: hidden's (N, D), weight's (V, D) and bias's (V,)
-    float32 (empty when there is no bias)."""
+        class_weight: Optional[torch.Tensor], teacher_logits: Optional[torch.Tensor],
+        teacher_hidden: Optional[torch.Tensor], teacher_weight: Optional[torch.Tensor],
+        teacher_bias: Optional[torch.Tensor], topk_indices: Optional[torch.Tensor],
+        topk_values: Optional[torch.Tensor], divergence: str, objective: str, tail: str,
+        mask_id: int, temperature: float, ignore_index: int, max_log_ratio: float,
+        softcap: float, lse_square_scale: float, label_smoothing: float, return_lse: bool,
+        backend: str, chunk: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat rows: hidden (N, D), weight (V, D); the options flattened by
+    ``LossOptions.op_args``. Returns the row losses (N,) float32, the row LSEs ((N,) with
+    ``return_lse``, else empty) and the gradients for unit upstream gradient: hidden's (N, D),
+    weight's (V, D) and bias's (V,) float32 (empty when there is no bias)."""
     options = LossOptions.from_op_args(divergence, objective, tail, mask_id, temperature,
-                                       ignore_index, max_log_ratio, backend)
-    losses, grad_hidden, grad_weight, grad_bias = _chunked_pass(
-        hidden, weight, bias, target, row_weights, teacher_logits, teacher_hidden,
+                                       ignore_index, max_log_ratio, softcap, lse_square_scale,
+                                       label_smoothing, return_lse, backend)
+    losses, lse, grad_hidden, grad_weight, grad_bias = _chunked_pass(
+        hidden, weight, bias, target, row_weights, class_weight, teacher_logits, teacher_hidden,
         teacher_weight, teacher_bias, topk_indices, topk_values, options, backend, chunk, True)
     if grad_bias is None:
         grad_bias = weight.new_empty(0, dtype=torch.float32)
-    return losses, grad_hidden, grad_weight, grad_bias
+    return losses, lse, grad_hidden, grad_weight, grad_bias
 
 
 @_linear_loss_rows.register_fake
 def _linear_loss_rows_fake(hidden, weight, bias, *args):
-    return (hidden.new_empty(hidden.shape[0], dtype=torch.float32), torch.empty_like(hidden),
-            weight.new_empty(weight.shape, dtype=torch.float32),
+    return_lse = args[-3]
+    rows = hidden.shape[0]
+    return (hidden.new_empty(rows, dtype=torch.float32),
+            hidden.new_empty(rows if return_lse else 0, dtype=torch.float32),
+            torch.empty_like(hidden), weight.new_empty(weight.shape, dtype=torch.float32),
             weight.new_empty(0 if bias is None else bias.shape[0], dtype=torch.float32))
 
 
 class _FusedLinearTCSMLoss(torch.autograd.Function):
-    """Row losses (N,) from hidden (N, D) and weight (V, D): gradients from the forward."""
+    """Row losses (N,) and row LSEs (constant) from hidden (N, D) and weight (V, D): gradients
+    from the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, row_weights, teachers, op_args, chunk,
-                per_row_upstream):
-        losses, grad_hidden, grad_weight, grad_bias = torch.ops.tcsm.linear_loss_rows(
-            hidden, weight, bias, target, row_weights, *teachers, *op_args, chunk)
+    def forward(ctx, hidden, weight, bias, target, row_weights, class_weight, teachers, op_args,
+                chunk, per_row_upstream):
+        losses, lse, grad_hidden, grad_weight, grad_bias = torch.ops.tcsm.linear_loss_rows(
+            hidden, weight, bias, target, row_weights, class_weight, *teachers, *op_args, chunk)
         ctx.per_row_upstream = per_row_upstream
         ctx.has_bias = bias is not None
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.rerun = (op_args, chunk, teachers)
+        ctx.mark_non_differentiable(lse)
         if per_row_upstream:  # backward reruns with scaled row weights
-            ctx.save_for_backward(hidden, weight, bias, target, row_weights)
+            ctx.save_for_backward(hidden, weight, bias, target, row_weights, class_weight)
         else:
             ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        return losses
+        return losses, lse
 
     @staticmethod
-    def backward(ctx, grad_rows):
+    def backward(ctx, grad_rows, grad_lse):
         if ctx.per_row_upstream:
-            hidden, weight, bias, target, row_weights = ctx.saved_tensors
+            hidden, weight, bias, target, row_weights, class_weight = ctx.saved_tensors
             op_args, chunk, teachers = ctx.rerun
             scaled = grad_rows.float() if row_weights is None else row_weights * grad_rows
-            _, grad_hidden, grad_weight, grad_bias = torch.ops.tcsm.linear_loss_rows(
-                hidden, weight, bias, target, scaled.contiguous(), *teachers, *op_args, chunk)
+            _, _, grad_hidden, grad_weight, grad_bias = torch.ops.tcsm.linear_loss_rows(
+                hidden, weight, bias, target, scaled.contiguous(), class_weight, *teachers,
+                *op_args, chunk)
         else:
             grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
             # The rows were summed (sum/mean), so every row's upstream gradient is the same
@@ -178,7 +192,7 @@ class _FusedLinearTCSMLoss(torch.autograd.Function):
         weight_dtype, bias_dtype = ctx.dtypes
         return (grad_hidden, grad_weight.to(weight_dtype),
                 grad_bias.to(bias_dtype) if ctx.has_bias else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _linear_inputs(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
@@ -239,10 +253,14 @@ def fused_linear_tcsm_loss(
         teacher_weight: Optional[torch.Tensor] = None,
         teacher_bias: Optional[torch.Tensor] = None, divergence: str = "kl",
         objective: str = "distrib", weight_rows: Optional[torch.Tensor] = None,
-        mask_id: Optional[int] = None, temperature: float = 1.0, reduction: str = "mean",
-        ignore_index: int = -100, normalizer: Union[float, torch.Tensor, None] = None,
-        tail: str = "zero", max_log_ratio: float = 30.0, backend: str = "auto",
-        check: Optional[bool] = None, chunk_rows: Union[int, str] = "auto") -> torch.Tensor:
+        class_weight: Optional[torch.Tensor] = None, mask_id: Optional[int] = None,
+        temperature: float = 1.0, reduction: str = "mean", ignore_index: int = -100,
+        normalizer: Union[float, torch.Tensor, None] = None, tail: str = "zero",
+        max_log_ratio: float = 30.0, softcap: Optional[float] = None,
+        lse_square_scale: float = 0.0, label_smoothing: float = 0.0, return_lse: bool = False,
+        out_dtype: Optional[torch.dtype] = None, backend: str = "auto",
+        check: Optional[bool] = None,
+        chunk_rows: Union[int, str] = "auto") -> Union[torch.Tensor, LossOutput]:
     """``fused_tcsm_loss(hidden @ weight.T + bias, target, ...)`` without the (N, V) logits.
 
     hidden (..., D) float32/bfloat16/float16; weight (V, D) the LM head (tied or not), same
@@ -252,14 +270,18 @@ def fused_linear_tcsm_loss(
     ``teacher_weight`` (V, D_t) (+ ``teacher_bias``), whose logits are never materialised
     either (the teacher is constant); ``teacher_topk`` as in ``fused_tcsm_loss``.
     ``weight_rows`` is ``fused_tcsm_loss``'s per-row ``weight`` (renamed: ``weight`` is the
-    head here). Every other option is ``fused_tcsm_loss``'s (no ``inplace_backward``: there
-    are no logits to overwrite). ``chunk_rows``: rows per chunk, "auto" (the chunk's (chunk, V)
+    head here; ``class_weight`` (V,) is the per-class one). Every other option is
+    ``fused_tcsm_loss``'s, with the same meaning (``softcap``, ``lse_square_scale``,
+    ``label_smoothing``, ``return_lse``, ``out_dtype``; no ``inplace_backward``: there are no
+    logits to overwrite). ``chunk_rows``: rows per chunk, "auto" (the chunk's (chunk, V)
     buffers under 256 MiB) or a byte budget such as "512MiB".
     """
     options = LossOptions(divergence=divergence, objective=objective, mask_id=mask_id,
                           temperature=temperature, reduction=reduction,
                           ignore_index=ignore_index, tail=tail, max_log_ratio=max_log_ratio,
-                          backend=backend, check=check)
+                          backend=backend, check=check, softcap=softcap,
+                          lse_square_scale=lse_square_scale, label_smoothing=label_smoothing,
+                          return_lse=return_lse, out_dtype=out_dtype)
     batch_shape, d, vocab = _linear_inputs(hidden, weight, bias, teacher_hidden, teacher_weight,
                                            teacher_bias, teacher_logits)
     # A zero-stride stand-in for the logits that are never formed: validation reads only its
@@ -267,7 +289,8 @@ def fused_linear_tcsm_loss(
     logits_like = hidden.new_zeros(()).expand(batch_shape + (vocab,))
     inp = _checks.loss_inputs(logits_like, target, teacher_logits=teacher_logits,
                               teacher_topk=teacher_topk, weight=weight_rows,
-                              normalizer=normalizer, options=options)
+                              normalizer=normalizer, options=options,
+                              class_weight=class_weight)
     if inp.kind == "data" and teacher_hidden is not None:
         inp = dataclasses.replace(inp, case=options.case("dense"))
     rows = math.prod(batch_shape)
@@ -293,32 +316,48 @@ def fused_linear_tcsm_loss(
         topk_values = inp.topk_values.to(torch.float32).contiguous()
     teachers = (teacher, flat_teacher_hidden, teacher_weight, teacher_bias, topk_indices,
                 topk_values)
+    row_weights = _row_weights(inp, options, normalizer)
     if rows == 0:
         losses = hidden.new_zeros(0, dtype=torch.float32) + 0 * hidden.sum() + 0 * weight.sum()
+        lse = hidden.new_zeros(0, dtype=torch.float32)
     else:
-        losses = _FusedLinearTCSMLoss.apply(
+        losses, lse = _FusedLinearTCSMLoss.apply(
             flat_hidden.contiguous(), weight.contiguous(), bias,
-            inp.target.to(torch.int64).contiguous(), _row_weights(inp, options, normalizer),
+            inp.target.to(torch.int64).contiguous(), row_weights, kernel_class_weight(inp),
             teachers, options.op_args(chosen), chunk, reduction == "none")
     _checks.finite_rows(losses, (("hidden", flat_hidden), ("teacher_hidden", flat_teacher_hidden),
                                  ("teacher_logits", inp.teacher_logits),
                                  ("teacher_topk values", inp.topk_values)),
                         _checks.resolve_check(check, hidden.device))
-    return losses.reshape(batch_shape) if reduction == "none" else losses.sum()
+    loss = losses.reshape(batch_shape) if reduction == "none" else losses.sum()
+    if not return_lse:
+        return reference.loss_result(loss, options)
+    return reference.loss_result(loss, options, lse.reshape(batch_shape),
+                                 reduced_z_loss(lse, row_weights, options, batch_shape))
 
 
 class TCSMLinearLoss(nn.Module):
     """``fused_linear_tcsm_loss`` with its options fixed (and validated) at construction;
-    forward(hidden, weight, target, ...) takes the per-call tensors."""
+    forward(hidden, weight, target, ...) takes the per-call tensors. ``class_weight`` (V,) is
+    given at construction and kept as a buffer, as in ``TCSMLoss``."""
 
     def __init__(self, *, divergence="kl", objective="distrib", mask_id=None, temperature=1.0,
                  reduction="mean", ignore_index=-100, tail="zero", max_log_ratio=30.0,
-                 backend="auto", check=None, chunk_rows="auto"):
+                 softcap=None, lse_square_scale=0.0, label_smoothing=0.0, return_lse=False,
+                 out_dtype=None, class_weight=None, backend="auto", check=None,
+                 chunk_rows="auto"):
         super().__init__()
         self.options = LossOptions(divergence=divergence, objective=objective, mask_id=mask_id,
                                    temperature=temperature, reduction=reduction,
                                    ignore_index=ignore_index, tail=tail,
-                                   max_log_ratio=max_log_ratio, backend=backend, check=check)
+                                   max_log_ratio=max_log_ratio, backend=backend, check=check,
+                                   softcap=softcap, lse_square_scale=lse_square_scale,
+                                   label_smoothing=label_smoothing, return_lse=return_lse,
+                                   out_dtype=out_dtype)
+        if class_weight is not None:
+            _checks.tensor("class_weight", class_weight, _checks.FLOAT_DTYPES)
+            self.options.case("data", class_weighted=True)
+        self.register_buffer("class_weight", class_weight)
         chunk_row_count(chunk_rows, 1, 1, torch.float32, False)  # validate now
         self.chunk_rows = chunk_rows
 
@@ -331,7 +370,8 @@ class TCSMLinearLoss(nn.Module):
             hidden, weight, target, bias=bias, teacher_logits=teacher_logits,
             teacher_topk=teacher_topk, teacher_hidden=teacher_hidden,
             teacher_weight=teacher_weight, teacher_bias=teacher_bias, weight_rows=weight_rows,
-            normalizer=normalizer, chunk_rows=self.chunk_rows, **options)
+            class_weight=self.class_weight, normalizer=normalizer, chunk_rows=self.chunk_rows,
+            **options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.options).items()
