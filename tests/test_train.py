@@ -237,3 +237,16 @@ def test_vocabulary_rejects_unknown_prompt_characters():
     vocab = Vocabulary("char", tuple("ab "))
     with pytest.raises(ValueError, match="outside the corpus vocabulary"):
         vocab.encode("abc")
+
+
+def test_fused_head_trains_as_the_logits_path(tmp_path):
+    """--fused-head (the default: loss from the hidden states and the tied head) and
+    --no-fused-head (logits, then fused_tcsm_loss) are the same math: same losses and weights
+    up to float32 rounding of the matmul order."""
+    assert train(tmp_path / "fused", "--steps", "4", "--fused-head") == 0
+    assert train(tmp_path / "logits", "--steps", "4", "--no-fused-head") == 0
+    assert np.allclose(losses(tmp_path / "fused"), losses(tmp_path / "logits"), rtol=1e-4)
+    a = checkpoint.load(tmp_path / "fused" / "checkpoints" / "last.pt")["model"]
+    b = checkpoint.load(tmp_path / "logits" / "checkpoints" / "last.pt")["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-5)

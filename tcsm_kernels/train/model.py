@@ -99,14 +99,18 @@ class Denoiser(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t (B, L) int64, t (B,) float (1 = clean) -> logits (B, L, V) float."""
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor,
+                features_only: bool = False) -> torch.Tensor:
+        """x_t (B, L) int64, t (B,) float (1 = clean) -> logits (B, L, V) float, or with
+        ``features_only`` the final hidden states (B, L, D) that the tied head
+        (``token_embedding.weight``) maps to them."""
         h = self.token_embedding(x_t)
         if self.time_mlp is not None:
             h = h + self.time_mlp(time_features(t, self.config.d_model))[:, None, :]
         for block in self.blocks:
             h = block(h, self.rotary)
-        return F.linear(self.final_norm(h), self.token_embedding.weight)
+        h = self.final_norm(h)
+        return h if features_only else F.linear(h, self.token_embedding.weight)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -46,6 +46,9 @@ CONFIG_OPTIONS = [
     ("eval_sequences", int, None, "validation sequences per record during training"),
     ("eval_times", int, None, "time samples per sequence during training"),
     ("ckpt_every", int, None, "steps between checkpoints (always one at the end)"),
+    ("fused_head", argparse.BooleanOptionalAction, None,
+     "loss from the hidden states and the tied head, no (N, V) logits (--no-fused-head: "
+     "logits, then fused_tcsm_loss)"),
 ]
 
 

@@ -72,6 +72,9 @@ class TrainConfig:
     eval_sequences: int = 256
     eval_times: int = 4
     ckpt_every: int = 500
+    # The loss straight from the hidden states and the tied head (fused_linear_tcsm_loss): the
+    # (N, V) logits and their gradient are never materialised.
+    fused_head: bool = True
 
     def validate(self, world_size: int = 1, new_run: bool = True) -> None:
         """ConfigError naming the first bad option (a new run also needs its data file)."""

@@ -22,6 +22,8 @@ from typing import Dict, Optional, Type
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..ops.linear_loss import fused_linear_tcsm_loss
+from ..ops.loss import fused_tcsm_loss
 from . import checkpoint, distributed
 from .batches import make_batch
 from .data import DataError, TokenCorpus, prepare_corpus
@@ -227,8 +229,6 @@ class Trainer:
 
     def train_step(self, ddp) -> None:
         """One optimizer step on the global batch of ``self.step + 1``."""
-        from ..ops.loss import fused_tcsm_loss
-
         self.step += 1
         config, device = self.config, self.world.device
         batch = make_batch(config, self.corpus, self.process, self.step, self.world,
@@ -244,11 +244,18 @@ class Trainer:
                     else contextlib.nullcontext())
             with sync:
                 with cast:
-                    logits = ddp(batch.x_t[rows].to(device), batch.t[rows].to(device))
+                    out = ddp(batch.x_t[rows].to(device), batch.t[rows].to(device),
+                              features_only=config.fused_head)
                 weight = None if batch.weight is None else batch.weight[rows].to(device)
-                loss = fused_tcsm_loss(logits, batch.target[rows].to(device),
-                                       divergence=config.divergence, weight=weight,
-                                       mask_id=self.mask_id, normalizer=batch.normalizer)
+                target = batch.target[rows].to(device)
+                options = dict(divergence=config.divergence, mask_id=self.mask_id,
+                               normalizer=batch.normalizer)
+                if config.fused_head:  # out: hidden states (b, L, D) of the tied head
+                    head = self.model.token_embedding.weight
+                    loss = fused_linear_tcsm_loss(out, head.to(out.dtype), target,
+                                                  weight_rows=weight, **options)
+                else:
+                    loss = fused_tcsm_loss(out, target, weight=weight, **options)
                 loss.backward()
             total += loss.detach()
         self.apply_gradients(total)
