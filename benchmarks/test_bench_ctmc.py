@@ -1,4 +1,4 @@
-"""One CTMC reverse step (SPEC 7) on the same logits: fused ctmc_step vs eager (softmax +
+"""One CTMC reverse step (docs/math.md 7) on the same logits: fused ctmc_step vs eager (softmax +
 torch.multinomial + jump decision) vs discrete flow matching's Euler-step operations (softmax,
 multinomial, one-hot rate matrix, jump, second categorical), side by side in one run; plus
 whole-sampler tokens/s with a small denoiser, with and without caching.

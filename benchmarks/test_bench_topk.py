@@ -1,5 +1,5 @@
-"""topk_concrete_scores (SPEC 6) fused vs the torch baseline (torch.topk + gather + logsumexp),
-side by side in one run.
+"""topk_concrete_scores (docs/math.md 6) fused vs the torch baseline (torch.topk + gather +
+logsumexp), side by side in one run.
 
 Run: python benchmarks/run_all.py (or pytest benchmarks/test_bench_topk.py --benchmark-json=...).
 Shapes: N = TCSM_BENCH_ROWS (4096) rows, V in TCSM_BENCH_TOPK_VOCABS (32768,128256), k in

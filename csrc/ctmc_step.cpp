@@ -1,4 +1,4 @@
-// Fused CTMC reverse step on the CPU (SPEC 7, "inverse CDF over blocks").
+// Fused CTMC reverse step on the CPU (docs/math.md 7, "inverse CDF over blocks").
 //
 // Per row, over participating columns (the mask column has weight 0), with M = max_v z_v and
 // w_v = exp((z_v - M) / T):
@@ -70,9 +70,9 @@ TCSM_INLINE float block_max(const float* values, int64_t len) {
 }
 
 // (z - m) / T, the difference first: exact for z near m, so that the weights keep their
-// precision when |z| / T is large (as one fma with m / T rounded they lost about |m| / T * 2^-24,
-// 0.4% at m / T = 6e4); exactly z - m at T = 1. Pass 1, the in-block scan and the rescale all use
-// it, so they agree on every weight.
+// precision when |z| / T is large (one fma z / T - m / T with m / T rounded would lose about
+// |m| / T * 2^-24, 0.4% at m / T = 6e4); exactly z - m at T = 1. Pass 1, the in-block scan and
+// the rescale all use it, so they agree on every weight.
 TCSM_INLINE float scaled_exponent(float z, float m, float inv_t) { return (z - m) * inv_t; }
 
 // Weights are fast_exp_nonpositive of exponents raised to kExpFloor, where the weight is
@@ -204,7 +204,7 @@ void step_row(const CtmcStepArgs& args, int64_t n, float inv_t, BlockStats* stat
   args.margin[n] = static_cast<float>((1.0 - second_weight) / total);
   args.entropy[n] = static_cast<float>(std::log(total) - shifted_total / total);
 
-  // Jump (SPEC 7 step 2, own Philox word): masked path moves only rows at mask_id, uniform path
+  // Jump (math.md 7 step 2, own Philox word): masked path moves only rows at mask_id, uniform path
   // any row, never a frozen row. An out-of-range x (possible only unchecked) is left as it is.
   const int64_t current = args.x[n];
   const bool valid = current >= 0 && current < cols;

@@ -1,4 +1,4 @@
-// Fused CTMC reverse step (SPEC 7) over N rows of V logits, one pass over each row.
+// Fused CTMC reverse step (docs/math.md 7) over N rows of V logits, one pass over each row.
 // Per row n: x1 ~ softmax(z / T) without the mask column, drawn by inverse CDF over blocks of
 // columns with the row's Philox uniform (key seed, counter (n, offset)); x_next = x1 when the
 // row may change and its jump uniform is below jump[n], else x; plus the confidence outputs

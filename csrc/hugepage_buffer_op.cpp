@@ -1,13 +1,13 @@
 // tcsm::empty_hugepage_cpu: an uninitialised CPU tensor backed by transparent huge pages, from
 // a small cache of freed buffers.
 // The fused loss writes its whole (N, V) gradient into a fresh buffer. With 4 KiB pages the
-// first touch of 512 MiB costs ~130k page faults, several times the kernel itself; 2 MiB pages
-// need 512x fewer, but the OS still zeroes every page on first touch (~40 ms per 512 MiB on
-// the 2-core CI machine, a third of the dense-teacher kernel). So, as CUDA's caching allocator
-// does for GPU memory, a freed buffer is kept and the next request of the same size reuses it,
-// already faulted in: a training loop allocates the same gradient every step. At most
-// kCachedBuffers are held; tcsm::release_buffer_cache() frees them. Falls back to plain
-// aligned memory when the kernel has no THP (madvise is only a hint).
+// first touch of 512 MiB costs ~130k page faults; 2 MiB pages need 512x fewer, but the OS still
+// zeroes every page on first touch, a sizeable fraction of the kernel's own time
+// (docs/performance_history.md). So, as CUDA's caching allocator does for GPU memory, a freed
+// buffer is kept and the next request of the same size reuses it, already faulted in: a
+// training loop allocates the same gradient every step. At most kCachedBuffers are held;
+// tcsm::release_buffer_cache() frees them. Falls back to plain aligned memory when the kernel
+// has no THP (madvise is only a hint).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

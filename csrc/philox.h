@@ -1,5 +1,5 @@
 // Philox-4x32-10 (Salmon et al., SC'11), the counter-based generator every backend shares
-// (SPEC 7; Python definition: tcsm_kernels/philox.py, Triton: tcsm_kernels/triton/philox.py).
+// (math.md 7; Python definition: tcsm_kernels/philox.py, Triton: tcsm_kernels/triton/philox.py).
 // Key (seed_lo, seed_hi), counter (row_lo, row_hi, offset_lo, offset_hi). Word 0 drives the
 // draw of x1, word 1 the jump decision; a word w becomes the uniform (w + 0.5) * 2^-32, exact
 // in double and strictly inside (0, 1).

@@ -1,7 +1,7 @@
 // Software prefetch of the block a streaming pass will read next-but-one. The passes read a
 // block twice (max, then exps, from L1) and the hardware prefetcher alone leaves the first
 // read waiting on memory; asking for the lines two blocks ahead overlaps that wait with the
-// exps of the current block (about 8% on the CTMC step, measured on the 2-core CI machine).
+// exps of the current block. Its gain on the CTMC step: docs/performance_history.md.
 #pragma once
 #include <cstdint>
 

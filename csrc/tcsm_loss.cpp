@@ -1,13 +1,15 @@
-// Fused TCSM loss + gradient, CPU (SPEC 4-5). OpenMP over rows; per row at most two streaming
-// passes over the columns (a third only where the exponent clamp is active, dense is/gkl).
-// Vectorisation (g++ 12 -O3 -mavx2 -mfma -fopt-info-vec): every column loop (block max, exp
-// sums, gradient stores) reports "loop vectorized using 32 byte vectors", and objdump shows ymm
-// code in every kernel that has column loops; the sparse entry loops (gathers) stay scalar.
-// The report alone misled twice: under the default -ftrapping-math GCC 12 counts fast_exp's
-// selected overflow value (x + inf) as possibly trapping, which blocks if-conversion of every
-// loop that stores an exp (hence the pragma below: FP exception flags are never read here and
-// it changes no value), and loops reading pointers from a struct were "vectorized" into dead
-// code (hence the local pointer copies in each kernel).
+// Fused TCSM loss + gradient, CPU (docs/math.md 4-5). OpenMP over rows; per row at most two
+// streaming passes over the columns (a third only where the exponent clamp is active, dense
+// is/gkl).
+// Vectorisation: every column loop (block max, exp sums, gradient stores) compiles to vector
+// code (tests/test_vectorised.py checks the compiler's report); the sparse entry loops (gathers)
+// stay scalar. Two choices keep it so:
+// - the pragma below: under GCC's default -ftrapping-math, fast_exp's selected overflow value
+//   (x + inf) counts as possibly trapping, which blocks if-conversion of every loop that stores
+//   an exp. FP exception flags are never read here, so dropping the assumption changes no value.
+// - each kernel copies its pointers into locals (see Row): a loop that reads them from a struct
+//   can be reported as vectorised while its vector body is never entered.
+// How these were found: docs/performance_history.md.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
@@ -37,15 +39,15 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // Columns per block of the online max: one horizontal max per block, whose data the exp loop
 // then re-reads from L1; block partial sums are float32, row totals double. Passes over the
 // logits and a dense teacher take half as many columns, so that a block (and the prefetch of
-// the block after next) spans 32 lines as in a pass over the logits alone. Measured in-process
-// against 512 (benchmarks/ab_loss_kernel.py, float32): the dense distrib kernel 9-14% faster,
-// the dense score ones within 2%; the data-target passes were 3-4% slower at 256: they keep 512.
+// the block after next) spans 32 lines as in a pass over the logits alone. The data-target
+// passes read only the logits and keep 512. The A/B timings behind both sizes:
+// docs/performance_history.md.
 constexpr int64_t kBlock = 512;
 constexpr int64_t kTeacherBlock = kBlock / 2;
 // Elements (rows x columns) below which a call stays on one thread.
 constexpr int64_t kMinParallelWork = int64_t{1} << 16;
 
-// exp(min(x, limit)) (SPEC 4.5). The reference's autograd differentiates it as its own clamped
+// exp(min(x, limit)) (math.md 4.6). The reference's autograd differentiates it as its own clamped
 // value, so the gradients below use the same clamped value in the analytic formulas.
 TCSM_INLINE float clamped_exp(float x, float limit) { return fast_exp(limit < x ? limit : x); }
 
@@ -58,7 +60,7 @@ TCSM_INLINE float divide(float x, float divisor, float inverse) {
   return std::fabs(quotient) <= std::numeric_limits<float>::max() ? corrected : quotient;
 }
 
-// The participating columns, [0, V) without the mask column (SPEC 1: the mask column acts as a
+// The participating columns, [0, V) without the mask column (math.md 1: the mask column acts as a
 // -inf logit in student and teacher), as one or two contiguous ranges.
 struct ColumnRanges {
   int64_t begin[2];
@@ -82,8 +84,8 @@ TCSM_INLINE int64_t line_phase(const Storage* row) {
 
 // Calls block(begin, end) on consecutive blocks of at most kColumns participating columns of
 // row. A range's first block is shortened so that every later one starts 64-byte aligned, also
-// when V is not a multiple of 16 (unaligned rows split every vector load across two cache
-// lines: 10-25% slower in the dense-teacher kernel). All passes over a row cut it alike.
+// when V is not a multiple of 16: in an unaligned row every vector load straddles two cache
+// lines (docs/performance_history.md has the cost). All passes over a row cut it alike.
 template <int64_t kColumns, class Storage, class BlockFn>
 TCSM_INLINE void for_each_block(const ColumnRanges& ranges, const Storage* row, BlockFn&& block) {
   constexpr int64_t kLine = 64 / sizeof(Storage);
@@ -325,7 +327,7 @@ void write_affine_softmax(const typename Format::Storage* logits, typename Forma
 // by (1 - eps) w_a [y = a] + (eps / V) w_y.
 enum class Smoothing { kNone, kUniform, kClassWeighted };
 
-// SPEC 4.1, data target. Pass 1: LSE and, for is/gkl and smoothing, sum_y (z_y - z_a)
+// docs/math.md 4.1, data target. Pass 1: LSE and, for is/gkl and smoothing, sum_y (z_y - z_a)
 // (shifted by z_a so that sum z - V LSE = sum (z - z_a) - V (LSE - z_a) does not cancel at
 // large |z|). Pass 2: grad = offset + slope * p (- (eps/V) w_k) on every column, then column a
 // is overwritten (z_a was read first). A class weight w_a scales the divergence; the z-loss
@@ -593,7 +595,7 @@ void dense_distrib_gradient(const typename Format::Storage* logits,
   if constexpr (kStream) stream_fence();
 }
 
-// SPEC 4.2, dense teacher, distrib objective; q = softmax(u / tau), r = log(q / p).
+// docs/math.md 4.2, dense teacher, distrib objective; q = softmax(u / tau), r = log(q / p).
 // Pass 1: LSE of z and of u/tau, the KL and IS sums (DistribDivergenceSums) and, for is/gkl,
 // the online LSE of u/tau - z, which gives sum_y q_y / p_y = exp(LSE(u/tau - z) - (LSE_u -
 // LSE_z)) when no r_y reaches the clamp (otherwise one extra pass sums the clamped exp(r_y)).
@@ -723,7 +725,7 @@ RowResult dense_distrib_row(const Row<Format>& row, const Shape& shape, Scratch&
   return {static_cast<float>(loss) + z.loss, lse};
 }
 
-// SPEC 4.3, dense teacher, score objective, gkl: (1/V) GKL(q/q_a, p/p_a). With clamped
+// docs/math.md 4.3, dense teacher, score objective, gkl: (1/V) GKL(q/q_a, p/p_a). With clamped
 // 1/q_a = exp(LSE_u - u_a/tau) and 1/p_a = exp(LSE_z - z_a):
 // loss (1/V)[(KL(q||p) - log q_a + log p_a)/q_a - 1/q_a + 1/p_a]; grad (1/V)[p/p_a - q/q_a]
 // off a and (1/V)[(1 - q_a)/q_a - (1 - p_a)/p_a] at a. Pass 1: both LSEs; pass 2: grad, KL.
@@ -794,7 +796,7 @@ RowResult dense_score_gkl_row(const Row<Format>& row, const Shape& shape, Scratc
           z_max + z_log_sum};
 }
 
-// SPEC 4.3, dense teacher, score objective, is: (1/V) IS(q/q_a, p/p_a) with
+// docs/math.md 4.3, dense teacher, score objective, is: (1/V) IS(q/q_a, p/p_a) with
 // r_y = (u_y - u_a)/tau - (z_y - z_a): loss (1/V) sum_y [exp(r_y) - r_y - 1];
 // grad_k = (1/V)[1 - exp(r_k) + [k = a] sum_y (exp(r_y) - 1)]. No row statistic is needed
 // off a, so one pass writes the gradient and column a is overwritten after it.
@@ -829,7 +831,7 @@ RowResult dense_score_is_row(const Row<Format>& row, const Shape& shape, Scratch
   return {static_cast<float>(loss_sum) / v, kNaN};
 }
 
-// SPEC 4.4, sparse (top-K) teacher, score objective. B_y = exp(z_y - z_a), A_y = exp(rho_y),
+// math.md 4.4, sparse (top-K) teacher, score objective. B_y = exp(z_y - z_a), A_y = exp(rho_y),
 // both clamped; entries equal to a or to the mask column are skipped, duplicates each count.
 // Every counted entry y contributes coef_y with grad_y -= coef_y / V and grad_a += coef_y / V:
 //   is:          loss (1/V) sum_S [A/B - log(A/B) - 1],           coef = A/B - 1

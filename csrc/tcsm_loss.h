@@ -1,5 +1,5 @@
-// Fused TCSM loss and gradient over the rows of a logits matrix (SPEC 4-5), plain C++ over raw
-// pointers. Per row i: loss[i] = weight_i * row_loss_i and grad[i, :] = weight_i *
+// Fused TCSM loss and gradient over the rows of a logits matrix (docs/math.md 4-5), plain C++
+// over raw pointers. Per row i: loss[i] = weight_i * row_loss_i and grad[i, :] = weight_i *
 // d row_loss_i / d logits[i, :], both 0 for ignored rows and weight-0 rows.
 #pragma once
 #include <cstdint>
@@ -37,7 +37,7 @@ struct LossProblem {
   int64_t mask_id;      // excluded column, or -1
   float temperature;    // divides the dense teacher logits
   int64_t ignore_index;
-  float max_log_ratio;  // clamp of the exponents that can overflow (SPEC 4.5)
+  float max_log_ratio;  // clamp of the exponents that can overflow (math.md 4.6)
   int threads;          // OpenMP threads over rows; 0: the OpenMP default
   // Options, all off at zero / null (tcsm_kernels.loss_options.LossOptions).
   float softcap;           // > 0: the loss sees softcap * tanh(logits / softcap)

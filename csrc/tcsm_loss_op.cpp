@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> tcsm_loss_cpu(
     check_cpu(*teacher_logits, "teacher_logits");
     TORCH_CHECK(problem.objective == tcsm::Objective::kDistrib ||
                     problem.divergence != tcsm::Divergence::kKL,
-                "tcsm_loss_cpu: divergence kl has no score objective (SPEC 4.3)");
+                "tcsm_loss_cpu: divergence kl has no score objective (docs/math.md 4.3)");
     teacher_rows = as_rows(*teacher_logits);
     problem.teacher_logits = teacher_rows.data_ptr();
     problem.teacher_row_stride = teacher_rows.stride(0);

@@ -1,9 +1,9 @@
-// Top-k concrete scores on the CPU (SPEC 6): one streaming pass over each row, no sort of the
-// row and no (N, V) intermediate.
+// Top-k concrete scores on the CPU (docs/math.md 6): one streaming pass over each row, no sort
+// of the row and no (N, V) intermediate.
 //
 // Order. Each column gets a rank, an unsigned 64-bit integer whose order is the output order:
 // the high half is an order-preserving integer image of the logit (the "key"), the low half
-// 2^32 - 1 - column, so equal logits rank the lower column first (SPEC 6 ties). -0 is folded
+// 2^32 - 1 - column, so equal logits rank the lower column first (math.md 6 ties). -0 is folded
 // into +0 (they tie, as in torch.sort) and every NaN into one NaN ranked above +inf (torch.sort
 // puts NaN first), so ranks are a strict total order even for unchecked inputs.
 //
@@ -170,7 +170,7 @@ void topk_row(const TopkScoresArgs& args, int64_t n, RunningTopK& best, float* b
     if (chunk_key_max > best.threshold()) best.offer_chunk(values, len, start);
   }
 
-  // Outputs (SPEC 6): log-ratios (u_y - u_a) / tau; an unchecked target outside [0, V) has no
+  // Outputs (math.md 6): log-ratios (u_y - u_a) / tau; an unchecked target outside [0, V) has no
   // u_a and gives NaN.
   const int64_t target = args.target[n];
   const float target_value = target >= 0 && target < cols

@@ -1,4 +1,4 @@
-// Top-k concrete scores of a teacher (SPEC 6) over N rows of V logits, one pass per row:
+// Top-k concrete scores of a teacher (docs/math.md 6) over N rows of V logits, one pass per row:
 // the k largest logits u_y (ties: lower index first) as column indices sorted best first, their
 // log-ratios (u_y - u_a) / tau against the row's reference token a, and the row's
 // LSE = logsumexp(u / tau).

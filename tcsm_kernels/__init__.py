@@ -1,7 +1,7 @@
 """tcsm_kernels: fused kernels for Target Concrete Score Matching (discrete diffusion LMs).
 
-Public API: ``fused_tcsm_loss`` / ``TCSMLoss`` (SPEC 4-5), ``ctmc_step`` (SPEC 7),
-``topk_concrete_scores`` / ``topk_log_probs`` (SPEC 6); ``LOSS_CASES`` lists what the loss
+Public API: ``fused_tcsm_loss`` / ``TCSMLoss`` (docs/math.md 4-5), ``ctmc_step`` (math.md 7),
+``topk_concrete_scores`` / ``topk_log_probs`` (math.md 6); ``LOSS_CASES`` lists what the loss
 computes; ``reference`` holds the plain-PyTorch oracle of each.
 """
 from . import processes, reference, schedules

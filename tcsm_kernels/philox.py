@@ -1,4 +1,4 @@
-"""Philox-4x32-10, the counter-based generator every backend shares (SPEC 7).
+"""Philox-4x32-10, the counter-based generator every backend shares (docs/math.md 7).
 
 One call per row: key = (seed_lo, seed_hi), counter = (row_lo, row_hi, offset_lo, offset_hi).
 Word 0 drives the categorical draw of x1, word 1 the jump decision (its own stream). A 32-bit

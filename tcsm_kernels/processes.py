@@ -1,4 +1,4 @@
-"""Forward noising x_1 -> x_t (SPEC 1), factorised over positions.
+"""Forward noising x_1 -> x_t (docs/math.md 1), factorised over positions.
 
 p(x_t^i | x_1^i) = kappa_t delta(x_1^i) + (1 - kappa_t) p0, with p0 = delta(mask_id) for the
 masked process and uniform over the vocabulary for the uniform process. ``t`` has one entry per
@@ -33,7 +33,7 @@ class MaskedProcess:
         return torch.where(noise, torch.full_like(x1, self.mask_id), x1)
 
     def loss_weight(self, x_t: torch.Tensor, t) -> torch.Tensor:
-        """Per-position ELBO weight w(t) [x_t == mask_id] (SPEC 1), float32 like x_t."""
+        """Per-position ELBO weight w(t) [x_t == mask_id] (math.md 1), float32 like x_t."""
         t = _checks.process_inputs("x_t", x_t, t, self.vocab_size)
         return (self.schedule.time_weight(t) * (x_t == self.mask_id)).float()
 

@@ -1,8 +1,8 @@
-"""The SPEC in plain PyTorch: materialising, obviously correct, differentiable. The oracle.
+"""docs/math.md in plain PyTorch, the oracle: materialising, obviously correct, differentiable.
 
 Every fused backend is tested against these functions. Math runs in float64 for float64 inputs
 and in float32 otherwise. Gradients come from autograd; the one non-smooth piece, the exponent
-clamp of SPEC 4.5, uses ``_clamped_exp`` whose derivative is its own (clamped) value, which is
+clamp of math.md 4.6, uses ``_clamped_exp`` whose derivative is its own (clamped) value, which is
 exactly what the fused kernels compute in closed form.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .ops.step_output import StepOutput, step_result  # noqa: F401 (StepOutput r
 
 
 class _ClampedExp(torch.autograd.Function):
-    """exp(min(x, limit)) with derivative exp(min(x, limit)) (SPEC 4.5: never overflow)."""
+    """exp(min(x, limit)) with derivative exp(min(x, limit)) (math.md 4.6: never overflow)."""
 
     @staticmethod
     def forward(ctx, x, limit):
@@ -40,7 +40,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _drop_column(rows: torch.Tensor, mask_id: Optional[int]) -> torch.Tensor:
-    """(N, V) -> (N, V - 1) without the mask column (SPEC 1: mask_id acts as -inf)."""
+    """(N, V) -> (N, V - 1) without the mask column (math.md 1: mask_id acts as -inf)."""
     if mask_id is None:
         return rows
     keep = torch.arange(rows.shape[1], device=rows.device) != mask_id
@@ -269,7 +269,7 @@ def loss_from_inputs(inp: _checks.LossInputs, options: LossOptions, normalizer=N
 
 def topk_concrete_scores(teacher_logits, target, k, *, temperature=1.0, correction=None,
                          backend="reference", check=None):
-    """SPEC 6: per row the k largest teacher logits (ties: lower index first).
+    """docs/math.md 6: per row the k largest teacher logits (ties: lower index first).
 
     Returns indices (..., k) int64, log-ratios ``(u_y - u_a) / tau (+ correction)`` (..., k)
     float32 and the row LSE of ``u / tau`` (...) float32. ``correction`` (..., V) is indexed by
@@ -297,7 +297,7 @@ def topk_concrete_scores(teacher_logits, target, k, *, temperature=1.0, correcti
 def ctmc_step(logits, x, jump_prob, *, mask_id=None, temperature=1.0, frozen=None, seed=0,
               offset=0, return_x1=False, return_confidence=False, backend="reference",
               check=None):
-    """SPEC 7: one reverse CTMC step. logits (..., V), x (...), jump_prob broadcastable to x.
+    """math.md 7: one reverse CTMC step. logits (..., V), x (...), jump_prob broadcastable to x.
 
     x1 ~ softmax(z / T) without mask_id by inverse CDF with the row's Philox uniform; the row
     moves to x1 when it may change (masked path: x == mask_id; uniform path: always; never when

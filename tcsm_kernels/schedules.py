@@ -1,4 +1,4 @@
-"""kappa(t) schedules (SPEC 1): t = 1 is clean data, t = 0 is noise.
+"""kappa(t) schedules (docs/math.md 1): t = 1 is clean data, t = 0 is noise.
 
 kappa(t) is the probability that a token is still clean at time t. Each schedule gives
 kappa and its derivative as tensors; the helpers below derive the ELBO time weight and the

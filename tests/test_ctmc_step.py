@@ -1,9 +1,9 @@
-"""Fused CTMC reverse step (tcsm_kernels/ops/ctmc_step.py, SPEC 7) on every backend.
+"""Fused CTMC reverse step (tcsm_kernels/ops/ctmc_step.py, docs/math.md 7) on every backend.
 
 Backends: "reference" (the float64 oracle), "cpp" (the CPU kernel) and "triton" (compiled on
-CUDA, else the Triton interpreter on CPU, which runs about 50 ms per row: its statistical tests
-shrink to a few hundred rows, and its main check is token-for-token agreement with the
-reference on the same seeds). Every test uses fixed seeds, so it is deterministic; each
+CUDA, else the Triton interpreter on CPU, which is slow (docs/performance_history.md): its
+statistical tests shrink to a few hundred rows, and its main check is token-for-token agreement
+with the reference on the same seeds). Every test uses fixed seeds, so it is deterministic; each
 statistical threshold is stated with its false-alarm rate for a kernel that samples exactly.
 """
 from __future__ import annotations
@@ -265,9 +265,9 @@ def test_agrees_with_reference(backend, mask_id, dtype, temperature):
 def test_agrees_with_reference_at_large_logits_over_temperature(backend):
     """Logits near -3000 at temperature 0.05 (|z| / T = 6e4, spread 0.2 / T): the weights come
     from (z - m) / T, whose difference is exact, so tokens still agree with the float64
-    reference up to the 0.1% of test_agrees_with_reference. Regression: the C++ kernel formed
-    z / T - m / T as one fma with m / T rounded (an ulp of 6e4 in every block's exponents), and
-    23% of rows differed."""
+    reference up to the 0.1% of test_agrees_with_reference. This guards the exponents' form:
+    z / T - m / T as one fma with m / T rounded puts an ulp of 6e4 into every block's exponents
+    and makes a large share of rows differ (docs/performance_history.md)."""
     g = torch.Generator().manual_seed(5)
     rows = rows_for(backend, 1024, 32)
     logits = torch.randn(rows, 1500, generator=g) * 0.01 - 3000.0

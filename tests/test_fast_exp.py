@@ -2,11 +2,11 @@
 
 tests/fast_exp_check.cpp is compiled with the extension's optimisation and CPU flags (so the
 vectorised code path is what runs) and compares every 257th float of [-87.3, 88.7] and every
-float near both ends of the range with double exp: at most 2 ulp (the contract in fast_exp.h;
-about 0.9 ulp is measured), NaN -> NaN, +inf and x > ln(FLT_MAX) -> +inf, -inf and
-x < -126 ln 2 -> +0, finite normal results up to FLT_MAX; and fast_exp_nonpositive (the
-CTMC step's exp for x <= 0): equal to fast_exp on [-126 ln 2, 0], +0 or a subnormal below,
-exactly +0 from -104 and for -inf, NaN -> NaN.
+float near both ends of the range with double exp: at most 2 ulp (the contract in fast_exp.h),
+NaN -> NaN, +inf and x > ln(FLT_MAX) -> +inf, -inf and x < -126 ln 2 -> +0, finite normal
+results up to FLT_MAX; and fast_exp_nonpositive (the CTMC step's exp for x <= 0): equal to
+fast_exp on [-126 ln 2, 0], +0 or a subnormal below, exactly +0 from -104 and for -inf,
+NaN -> NaN.
 """
 from __future__ import annotations
 

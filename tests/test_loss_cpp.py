@@ -1,4 +1,5 @@
-"""The C++ loss kernel tcsm::tcsm_loss_cpu against the reference (SPEC 4-5), called directly.
+"""The C++ loss kernel tcsm::tcsm_loss_cpu against the reference (docs/math.md 4-5), called
+directly.
 
 Each case compares the weighted per-row losses and the gradient rows with
 ``reference.tcsm_loss(reduction="none")`` and autograd of its sum, computed in float64 on the
@@ -346,7 +347,7 @@ def test_rejects_kl_without_a_distribution_target():
 def test_row_logsumexp_matches_torch():
     """tcsm_kernels.row_logsumexp (the smallest C++ op) against torch.logsumexp, with rows that
     start with -inf (banned tokens: the online max is -inf for a while) or are all -inf.
-    Regression: exp(-inf - -inf) = NaN made a row with a -inf prefix NaN."""
+    Guards the online max against exp(-inf - -inf) = NaN, which would make such a row NaN."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(4, 300, generator=gen) * 5
     x[1, :200] = float("-inf")

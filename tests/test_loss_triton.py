@@ -1,4 +1,4 @@
-"""Triton TCSM loss kernel (tcsm_kernels/triton/loss.py) against the reference (SPEC 4-5).
+"""Triton TCSM loss kernel (tcsm_kernels/triton/loss.py) against the reference (math.md 4-5).
 
 Runs compiled on CUDA, or through the Triton interpreter on CPU (conftest). Each case calls
 ``tcsm_loss_rows`` directly and compares the weighted row losses and the gradient with

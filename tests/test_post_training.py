@@ -1,4 +1,4 @@
-"""Post-training: AR teacher, distillation (SPEC 6), reward tilt; tiny configurations."""
+"""Post-training: AR teacher, distillation (docs/math.md 6), reward tilt; tiny configurations."""
 import argparse
 import json
 

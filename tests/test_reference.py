@@ -1,5 +1,5 @@
-"""The reference against brute force over explicit ratio vectors (SPEC 3), float64 gradcheck,
-the Proposition 3 identity and property tests."""
+"""The reference against brute force over explicit ratio vectors (docs/math.md 3), float64
+gradcheck, the Proposition 3 identity and property tests."""
 import itertools
 
 import pytest
@@ -80,7 +80,7 @@ def test_proposition_3(row):
 
 @pytest.mark.parametrize("divergence", ["kl", "is", "gkl"])
 def test_data_target_is_unbiased_in_gradient(row, divergence):
-    """E_{a ~ q} grad data-loss(a) equals grad of the dense distributional loss (SPEC 4.1)."""
+    """E_{a ~ q} grad data-loss(a) equals grad of the dense distributional loss (math.md 4.1)."""
     z, u, _ = row
     q = u.softmax(0)
     z = z.clone().requires_grad_()

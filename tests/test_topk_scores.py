@@ -1,4 +1,4 @@
-"""Top-k concrete scores (tcsm_kernels/ops/topk_scores.py, SPEC 6) on every backend.
+"""Top-k concrete scores (tcsm_kernels/ops/topk_scores.py, docs/math.md 6) on every backend.
 
 Backends: "reference" (stable sort + gather + logsumexp, the oracle), "cpp" (the CPU kernel)
 and "triton" (compiled on CUDA, else the Triton interpreter on CPU, about a second per row:

@@ -6,7 +6,7 @@ if-convert) still gives the right numbers, so only this report catches it.
 GCC reports a loop with a reduction clause at its pragma, others at the `for` line or the first
 statement of the body, so reports within three lines after the pragma belong to it: at least one
 "loop vectorized" and no "couldn't vectorize loop" (a template instantiation or inlined copy
-left scalar). Each file is compiled once (about 15 s for tcsm_loss.cpp on the CI machine)."""
+left scalar). Each file is compiled once; tcsm_loss.cpp is the slow one."""
 from __future__ import annotations
 
 import re

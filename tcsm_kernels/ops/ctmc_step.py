@@ -1,7 +1,7 @@
-"""Fused CTMC reverse step (SPEC 7): one pass over each row of logits draws x1, decides the jump
-and computes the confidence outputs. One ``tcsm::ctmc_step`` custom op (with a fake kernel, so
-``torch.compile(fullgraph=True)`` and CUDA graphs see through it) dispatching to the C++ kernel
-(CPU) or the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
+"""Fused CTMC reverse step (docs/math.md 7): one pass over each row of logits draws x1, decides
+the jump and computes the confidence outputs. One ``tcsm::ctmc_step`` custom op (with a fake
+kernel, so ``torch.compile(fullgraph=True)`` and CUDA graphs see through it) dispatching to the
+C++ kernel (CPU) or the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
@@ -60,7 +60,7 @@ def ctmc_step(logits: torch.Tensor, x: torch.Tensor, jump_prob: torch.Tensor, *,
               offset: int = 0, return_x1: bool = False, return_confidence: bool = False,
               backend: str = "auto", check: Optional[bool] = None
               ) -> Union[torch.Tensor, StepOutput]:
-    """One reverse CTMC step (SPEC 7) from time t to s, fused: x_next (...) int64, or a
+    """One reverse CTMC step (docs/math.md 7) from time t to s, fused: x_next (...) int64, or a
     ``StepOutput`` when ``return_x1`` or ``return_confidence``.
 
     logits (..., V), any float dtype; x (...) int64/int32 current tokens; jump_prob broadcastable

@@ -1,5 +1,5 @@
-"""Top-k concrete scores of a teacher (SPEC 6), fused: one streaming pass over each row keeps a
-running top-k and an online LSE, with no sort of the row and no (N, V) intermediate. One
+"""Top-k concrete scores of a teacher (docs/math.md 6), fused: one streaming pass over each row
+keeps a running top-k and an online LSE, with no sort of the row and no (N, V) intermediate. One
 ``tcsm::topk_concrete_scores`` custom op (with a fake kernel, so ``torch.compile(fullgraph=True)``
 and CUDA graphs see through it) dispatching to the C++ kernel (CPU) or the Triton kernel (CUDA,
 or CPU under TRITON_INTERPRET=1)."""
@@ -48,14 +48,14 @@ def _topk_scores_fake(teacher_logits, target, k, temperature, backend):
 def topk_concrete_scores(teacher_logits: torch.Tensor, target: torch.Tensor, k: int, *,
                          temperature: float = 1.0, correction: Optional[torch.Tensor] = None,
                          backend: str = "auto", check: Optional[bool] = None):
-    """Top-k concrete scores of a teacher (SPEC 6), fused; the same results as
+    """Top-k concrete scores of a teacher (docs/math.md 6), fused; the same results as
     ``reference.topk_concrete_scores``.
 
     teacher_logits u (..., V), any float dtype; target a (...) int64/int32, the reference
     (clean) tokens. Per row: indices (..., k) int64 of the k largest logits sorted by descending
     value (ties: lower index first), log-ratios ``(u_y - u_a) / temperature`` (..., k) float32
     (plus ``correction``: (..., V) is read at each chosen column, (..., k) with k < V is added
-    position by position, e.g. SPEC 6's autoregressive future term), and the row LSE
+    position by position, e.g. math.md 6's autoregressive future term), and the row LSE
     ``logsumexp(u / temperature)`` (...) float32. float64 logits run the reference and return
     float64. The outputs feed ``fused_tcsm_loss(teacher_topk=(indices, log_ratios))``.
 

@@ -1,7 +1,7 @@
-"""Sampler loops built on the fused CTMC step (SPEC 1, 7).
+"""Sampler loops built on the fused CTMC step (docs/math.md 1, 7).
 
 Any denoiser ``model(x_t, t) -> logits`` works: x_t (B, L) int64 token ids, t (B,) float32 in
-[0, 1] (t = 1 is clean data, SPEC 1), logits (B, L, V). Every step is one model call and one
+[0, 1] (t = 1 is clean data, math.md 1), logits (B, L, V). Every step is one model call and one
 call of ``tcsm_kernels.ops.ctmc_step.ctmc_step`` keyed by (seed, offset = step index), so a run
 is reproducible by its seed.
 

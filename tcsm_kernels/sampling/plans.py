@@ -29,7 +29,7 @@ def model_times(steps: int, batch: int, device) -> torch.Tensor:
 def jump_probs(schedule: Schedule, steps: int, method: str) -> torch.Tensor:
     """(steps,) float64 on the host: per-step jump probability on the grid k / steps, by the
     schedule's ``jump_prob_exact`` (method "exact") or ``jump_prob_euler`` ("euler"); the last
-    step (s = 1) is 1 so every remaining position jumps (SPEC 7)."""
+    step (s = 1) is 1 so every remaining position jumps (math.md 7)."""
     grid = torch.arange(steps + 1, dtype=torch.float64) / steps
     t, s = grid[:-1], grid[1:]
     jump = schedule.jump_prob_exact(t, s) if method == "exact" else schedule.jump_prob_euler(t, s)

@@ -1,4 +1,4 @@
-"""An autoregressive (causal) teacher and its top-K concrete scores (SPEC 6).
+"""An autoregressive (causal) teacher and its top-K concrete scores (docs/math.md 6).
 
 The teacher reuses the denoiser's blocks with a causal attention mask. It reads
 ``[BOS, x_0, ..., x_{L-1}]`` (BOS = the id after the data symbols, the column the masked student

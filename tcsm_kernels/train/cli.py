@@ -6,7 +6,7 @@
   tcsm eval --run runs/a                     validation NELBO beside n-gram entropies
   tcsm sample --run runs/a --method exact    generate text
   tcsm plot --run runs/a                     loss and validation curves (PNG)
-  tcsm train-ar / distill / compare-distill  AR teacher and top-K distillation (SPEC 6)
+  tcsm train-ar / distill / compare-distill  AR teacher and top-K distillation (math.md 6)
   tcsm finetune / sweep-beta                 reward fine-tuning against a frozen reference
 """
 from __future__ import annotations

@@ -6,7 +6,8 @@ the fused loss under the pre-training loop's weighting, ``--time-weight``). Targ
 
   exact   the full-context conditional p(y | x^{\\i}), computed once per window and cached by
           `tcsm distill-targets` (train/targets.py); batches then come from the store's windows
-  local   the teacher's left-context conditional p(y | x_<i) alone (measured: worse than data)
+  local   the teacher's left-context conditional p(y | x_<i) alone (worse than data:
+          docs/distill_comparison.md)
   taylor  local + the first-order future term (a diagnostic: it carries almost no signal)
 
 with the distribution objective by default (top-K log-probabilities, or all V with --k 0); the

@@ -1,13 +1,13 @@
-"""Validation NELBO in bits per token, by Monte Carlo over t with fixed seeds.
+"""Validation NELBO in bits per token (docs/math.md 8), by Monte Carlo over t with fixed seeds.
 
-For the factorised path of SPEC 1 the model's reverse rate at a position that may change is
+For the factorised path of math.md 1 the model's reverse rate at a position that may change is
 R(x -> y) = w(t) p(y | x_t) for y != x, with w(t) = dkappa / (1 - kappa); the conditional rate
 given the clean token is w(t) [y = x_1]. The path KL between the two processes bounds
 -log p(x_1), and per position it is the generalized KL of the rates:
 
     w(t) [1 - p(x_t | x_t) - [x_t != x_1] (1 + log p(x_1 | x_t))].
 
-Masked process: only masked positions may change and p(mask) = 0, so this is SPEC 1's
+Masked process: only masked positions may change and p(mask) = 0, so this is
 w(t) (-log p(x_1)) on masked positions. Uniform process: every position, as written.
 Each sequence gets ``time_samples`` stratified times t_k = (k + u) / K with one uniform u, so the
 K samples cover [0, 1) evenly (far lower variance than K independent times).
@@ -57,7 +57,7 @@ def nelbo_bits(model, split: np.ndarray, process, mask_id: Optional[int], *, seq
                time_samples: int = 8, max_sequences: int = 0, batch_size: int = 256,
                seed: int = 1234, device: torch.device = torch.device("cpu"),
                autocast: Optional[torch.dtype] = None, progress: bool = False) -> NelboResult:
-    """Mean NELBO per token over non-overlapping validation windows (SPEC 1 weights).
+    """Mean NELBO per token over non-overlapping validation windows (math.md 1 weights).
 
     The noise of window batch j comes from a generator seeded with (seed, j): two calls with the
     same arguments see the same times and masks, so two models compare without Monte Carlo noise.

@@ -1,4 +1,5 @@
-"""Fused CTMC reverse step in Triton (SPEC 7, "inverse CDF over blocks"): one program per row.
+"""Fused CTMC reverse step in Triton (docs/math.md 7, "inverse CDF over blocks"): one program
+per row.
 
 With s_v = z_v / T over participating columns (the mask column and the masked tail load as -inf,
 weight 0) and M = max_v z_v:
@@ -120,7 +121,7 @@ def _ctmc_step_kernel(logits_ptr, row_stride, x_ptr, jump_ptr, frozen_ptr,
     tl.store(margin_ptr + row, ((1.0 - top2_weight) / total).to(tl.float32))
     tl.store(entropy_ptr + row, (tl.log(total) - shifted / total).to(tl.float32))
 
-    # Jump (SPEC 7 step 2, own Philox word): masked path moves only rows at mask_id, uniform
+    # Jump (math.md 7 step 2, own Philox word): masked path moves only rows at mask_id, uniform
     # path any row, never a frozen row; an out-of-range x (possible only unchecked) stays.
     current = tl.load(x_ptr + row)
     may_change = (current >= 0) & (current < vocab) & ((mask_id < 0) | (current == mask_id))

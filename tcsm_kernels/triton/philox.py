@@ -1,4 +1,4 @@
-"""Philox-4x32-10 in Triton, word for word the generator of ``tcsm_kernels/philox.py`` (SPEC 7).
+"""Philox-4x32-10 in Triton, word for word the generator of ``tcsm_kernels/philox.py`` (math.md 7).
 
 Key (seed_lo, seed_hi), counter (row_lo, row_hi, offset_lo, offset_hi); word 0 drives the draw
 of x1, word 1 the jump decision; a word w becomes the uniform (w + 0.5) * 2**-32 in float64.

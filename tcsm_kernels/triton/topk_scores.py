@@ -1,9 +1,9 @@
-"""Top-k concrete scores in Triton (SPEC 6): one program per row, one streaming pass over V.
+"""Top-k concrete scores in Triton (docs/math.md 6): one program per row, one streaming pass over V.
 
 Order. Each column gets an int64 rank whose order is the output order: the high 32 bits are an
 order-preserving signed-integer image of the logit (the "key"; -0 folded into +0, every NaN into
 one NaN above +inf, as torch.sort orders them), the low 32 bits 2^32 - 1 - column, so equal
-logits rank the lower column first (SPEC 6 ties). Ranks are distinct, so "top k" is exact.
+logits rank the lower column first (math.md 6 ties). Ranks are distinct, so "top k" is exact.
 
 Running top-k (the choice made here: simple and exact, not a radix select). The program keeps
 the K_PAD best ranks seen so far (K_PAD = next power of two >= k), sorted best first, and the
@@ -74,7 +74,7 @@ def _topk_scores_kernel(logits_ptr, row_stride, target_ptr, indices_ptr, log_rat
             kept = tl.bitonic_merge(tl.maximum(kept, tl.flip(block_best)), descending=True)
             threshold = tl.max(tl.where(slots == k - 1, kept, lowest_rank), axis=0)
 
-    # Outputs (SPEC 6): log-ratios (u_y - u_a) / tau; an unchecked target outside [0, V) has no
+    # Outputs (math.md 6): log-ratios (u_y - u_a) / tau; an unchecked target outside [0, V) has no
     # u_a and gives NaN.
     columns = LAST_COLUMN - (kept - ((kept >> 32) << 32))
     chosen = slots < k
