@@ -134,3 +134,36 @@ def test_no_private_name_is_imported_across_train_modules():
                  if source.startswith(TRAIN) and imported and imported.startswith("_")
                  and imported != "__future__"]
     assert offenders == []
+
+
+def test_first_eager_calls_do_not_import_the_compiler():
+    """Eager calls skip the custom-op dispatch, whose wrapper imports torch._dynamo (~900
+    modules, about a second) on the first call of a session."""
+    import subprocess
+    import sys
+    code = """
+import sys, torch, tcsm_kernels
+z = torch.randn(8, 16, requires_grad=True); y = torch.randint(1, 16, (8,))
+tcsm_kernels.fused_tcsm_loss(z, y).backward()
+tcsm_kernels.fused_tcsm_loss(z * 1, y, inplace_backward=True).backward()
+h = torch.randn(8, 4, requires_grad=True); w = torch.randn(16, 4, requires_grad=True)
+tcsm_kernels.fused_linear_tcsm_loss(h, w, y).backward()
+tcsm_kernels.topk_concrete_scores(z.detach(), y, 3)
+tcsm_kernels.ctmc_step(z.detach(), y, torch.full((8,), 0.5, dtype=torch.float64), mask_id=0)
+assert "torch._dynamo" not in sys.modules, "torch._dynamo was imported"
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_eager_inplace_backward_still_bumps_the_version_counter():
+    """Bypassing the op must keep autograd's check: logits saved by an upstream op (exp saves
+    its output) and then overwritten by inplace_backward make backward raise."""
+    import pytest
+    import torch
+    from tcsm_kernels import fused_tcsm_loss
+    x = torch.randn(6, 9, requires_grad=True)
+    logits = x.exp()
+    loss = fused_tcsm_loss(logits, torch.randint(0, 9, (6,)), inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

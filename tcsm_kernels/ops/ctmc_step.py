@@ -10,6 +10,7 @@ import torch
 
 from .. import _backend, _checks, reference
 from .step_output import StepOutput, step_result
+from .custom_op import custom_op
 
 NO_MASK = -1
 
@@ -25,7 +26,7 @@ def _step_outputs_like(logits: torch.Tensor, x: torch.Tensor):
             *(logits.new_empty(rows, dtype=torch.float32) for _ in range(3)))
 
 
-@torch.library.custom_op("tcsm::ctmc_step", mutates_args=())
+@custom_op("tcsm::ctmc_step")
 def _ctmc_step_op(logits: torch.Tensor, x: torch.Tensor, jump: torch.Tensor,
                   frozen: Optional[torch.Tensor], mask_id: int, temperature: float, seed: int,
                   seed_tensor: Optional[torch.Tensor], offset: int, backend: str

@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import _backend, _checks, reference
 from ..loss_options import LossOptions, LossOutput
+from .custom_op import custom_op
 from .loss import _row_weights, _run_kernel, kernel_class_weight, reduced_z_loss
 
 # chunk_rows="auto": the (chunk, V) buffers of one chunk stay below this many bytes.
@@ -115,7 +116,7 @@ def _chunked_pass(hidden, weight, bias, target, row_weights, class_weight, teach
     return losses, lse, grad_hidden, grad_weight, grad_bias
 
 
-@torch.library.custom_op("tcsm::linear_loss_rows", mutates_args=())
+@custom_op("tcsm::linear_loss_rows")
 def _linear_loss_rows(
         hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         target: torch.Tensor, row_weights: Optional[torch.Tensor],
@@ -159,7 +160,7 @@ class _FusedLinearTCSMLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, row_weights, class_weight, teachers, op_args,
                 chunk, per_row_upstream):
-        losses, lse, grad_hidden, grad_weight, grad_bias = torch.ops.tcsm.linear_loss_rows(
+        losses, lse, grad_hidden, grad_weight, grad_bias = _linear_loss_rows(
             hidden, weight, bias, target, row_weights, class_weight, *teachers, *op_args, chunk)
         ctx.per_row_upstream = per_row_upstream
         ctx.has_bias = bias is not None
@@ -178,7 +179,7 @@ class _FusedLinearTCSMLoss(torch.autograd.Function):
             hidden, weight, bias, target, row_weights, class_weight = ctx.saved_tensors
             op_args, chunk, teachers = ctx.rerun
             scaled = grad_rows.float() if row_weights is None else row_weights * grad_rows
-            _, _, grad_hidden, grad_weight, grad_bias = torch.ops.tcsm.linear_loss_rows(
+            _, _, grad_hidden, grad_weight, grad_bias = _linear_loss_rows(
                 hidden, weight, bias, target, scaled.contiguous(), class_weight, *teachers,
                 *op_args, chunk)
         else:

@@ -1,4 +1,4 @@
-"""fused_tcsm_loss: TCSM losses (SPEC 4-5) with the gradient computed in the forward pass.
+"""fused_tcsm_loss: TCSM losses (docs/math.md 4-5) with the gradient computed in the forward pass.
 
 One kernel call per batch computes, for every row, the weighted loss and its gradient
 d loss_i / d logits (C++ on CPU, Triton on CUDA); the gradient is kept — in a new buffer, or
@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import _backend, _checks, reference
 from ..loss_options import LossOptions, LossOutput
+from .custom_op import custom_op
 
 
 def _run_kernel(logits, target, weight, class_weight, teacher_logits, topk_indices, topk_values,
@@ -30,7 +31,7 @@ def _run_kernel(logits, target, weight, class_weight, teacher_logits, topk_indic
     return tcsm_loss_rows(*tensors, options)
 
 
-@torch.library.custom_op("tcsm::tcsm_loss_rows", mutates_args=("grad",))
+@custom_op("tcsm::tcsm_loss_rows", mutates_args=("grad",))
 def _loss_rows(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                class_weight: Optional[torch.Tensor], teacher_logits: Optional[torch.Tensor],
                topk_indices: Optional[torch.Tensor], topk_values: Optional[torch.Tensor],
@@ -46,7 +47,7 @@ def _loss_rows(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torc
                        topk_values, grad, options, backend)
 
 
-@torch.library.custom_op("tcsm::tcsm_loss_rows_inplace", mutates_args=("logits",))
+@custom_op("tcsm::tcsm_loss_rows_inplace", mutates_args=("logits",))
 def _loss_rows_inplace(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                        class_weight: Optional[torch.Tensor],
                        teacher_logits: Optional[torch.Tensor],
@@ -110,11 +111,11 @@ class _FusedTCSMLoss(torch.autograd.Function):
                 topk_values, op_args, inplace):
         tensors = (target, weight, class_weight, teacher_logits, topk_indices, topk_values)
         if inplace:
-            rows, lse = torch.ops.tcsm.tcsm_loss_rows_inplace(logits, *tensors, *op_args)
+            rows, lse = _loss_rows_inplace(logits, *tensors, *op_args)
             grad = logits
         else:
             grad = _gradient_buffer(logits)
-            rows, lse = torch.ops.tcsm.tcsm_loss_rows(logits, *tensors, grad, *op_args)
+            rows, lse = _loss_rows(logits, *tensors, grad, *op_args)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(lse)
         return rows, lse

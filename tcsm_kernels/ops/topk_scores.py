@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from .. import _backend, _checks, reference
+from .custom_op import custom_op
 
 if _backend.cpp_available():
     @torch.library.register_fake("tcsm::topk_scores_cpu")
@@ -24,7 +25,7 @@ def _outputs_like(teacher_logits: torch.Tensor, k: int):
             teacher_logits.new_empty(rows, dtype=torch.float32))
 
 
-@torch.library.custom_op("tcsm::topk_concrete_scores", mutates_args=())
+@custom_op("tcsm::topk_concrete_scores")
 def _topk_scores_op(teacher_logits: torch.Tensor, target: torch.Tensor, k: int,
                     temperature: float, backend: str
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Triton kernels of the TCSM loss (SPEC 4-5): per row, the weighted loss and its gradient.
+"""Triton kernels of the TCSM loss (docs/math.md 4-5): per row, the weighted loss and its gradient.
 
 One program per row streams the row in blocks of BLOCK_V columns. Pass 1 builds the row
 log-sum-exps with an online max / sum-exp (the student's and, for a dense teacher, the
@@ -40,7 +40,7 @@ _MATCH_TILE = 4096
 
 @triton.jit
 def _clamped_exp(x, max_log_ratio):
-    # SPEC 4.5: exp(min(x, M)); its derivative is taken to be the same clamped value, exactly
+    # math.md 4.6: exp(min(x, M)); its derivative is taken to be the same clamped value, exactly
     # what autograd gives for the reference's _clamped_exp.
     return tl.exp(tl.minimum(x, max_log_ratio))
 
@@ -179,7 +179,7 @@ def _divergence_loss(kl, is_, DIVERGENCE: tl.constexpr):
 
 @triton.jit
 def _store_row_loss(loss_ptr, row, row_loss, weight, live, row_ok):
-    # SPEC 5: weight * row loss; 0 on ignored / weight-0 rows; NaN on a live row with a bad id.
+    # math.md 5: weight * row loss; 0 on ignored / weight-0 rows; NaN on a live row with a bad id.
     out = tl.where(row_ok, weight * row_loss, tl.where(live, float("nan"), 0.0))
     tl.store(loss_ptr + row, out)
 
@@ -194,7 +194,7 @@ def _data_target_kernel(
     Z_LOSS: tl.constexpr, RETURN_LSE: tl.constexpr, SMOOTHING: tl.constexpr,
     HAS_CLASS_WEIGHT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Data target (SPEC 4.1): only the clean token a is known; kl, is or gkl. A class weight
+    """Data target (math.md 4.1): only the clean token a is known; kl, is or gkl. A class weight
     w_a scales the divergence (F.cross_entropy's weight=); SMOOTHING (kl) is torch's label
     smoothing; the z-loss is not class-weighted (as Liger's)."""
     row = tl.program_id(0).to(tl.int64)
@@ -221,7 +221,7 @@ def _data_target_kernel(
         if HAS_CLASS_WEIGHT:
             total_weight = tl.load(class_weight_sum_ptr)
         p_slope = c_a + e * total_weight
-    # 1/p_a = exp(LSE - z_a), clamped (SPEC 4.5); p_k/p_a = exp(log(1/p_a) + log p_k) then
+    # 1/p_a = exp(LSE - z_a), clamped (math.md 4.6); p_k/p_a = exp(log(1/p_a) + log p_k) then
     # stays below exp(M) and equals exp(z_k - z_a) exactly when the clamp is inactive.
     log_inv_pa = tl.minimum(lse - z_a, max_log_ratio)
     inv_pa = tl.exp(log_inv_pa)
@@ -245,16 +245,16 @@ def _data_target_kernel(
                 sum_logp += tl.where(participating, column_weight * logp, 0.0)
                 grad = weight * (p_slope * p - tl.where(at_a, c_a, 0.0) - e * column_weight)
             else:
-                # SPEC 4.1 kl (masked cross-entropy): d(LSE - z_a)/dz = p - e_a.
+                # math.md 4.1 kl (masked cross-entropy): d(LSE - z_a)/dz = p - e_a.
                 grad = divergence_weight * (p - tl.where(at_a, 1.0, 0.0))
         else:
             sum_logp += tl.where(participating, logp, 0.0)
             ratio = tl.exp(log_inv_pa + logp)
             if DIVERGENCE == _IS:
-                # SPEC 4.1 is: (exp(LSE - z_a)(p - e_a) + 1 - V p) / V.
+                # math.md 4.1 is: (exp(LSE - z_a)(p - e_a) + 1 - V p) / V.
                 grad = (ratio - tl.where(at_a, inv_pa, 0.0) + 1.0 - n_classes * p) / n_classes
             else:
-                # SPEC 4.1 gkl = kl + is: 1/V + p/(V p_a) - e_a (1 + 1/(V p_a)).
+                # math.md 4.1 gkl = kl + is: 1/V + p/(V p_a) - e_a (1 + 1/(V p_a)).
                 grad = (1.0 + ratio - tl.where(at_a, n_classes + inv_pa, 0.0)) / n_classes
             grad = divergence_weight * grad
         if Z_LOSS:
@@ -262,7 +262,7 @@ def _data_target_kernel(
         grad = _chain(tl.where(participating, grad, 0.0), slope, SOFTCAP)
         tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
-    # SPEC 4.1 losses: kl = LSE - z_a; is = (exp(LSE - z_a) + sum_y log p_y) / V, where
+    # math.md 4.1 losses: kl = LSE - z_a; is = (exp(LSE - z_a) + sum_y log p_y) / V, where
     # sum_y log p_y = sum_y z_y - V LSE is summed term by term (no cancellation of large sums).
     kl = lse - z_a
     if SMOOTHING:
@@ -317,7 +317,7 @@ def _dense_target_kernel(
 
     if not SCORE:
         if DIVERGENCE != _KL:
-            # SPEC 4.2 is needs the clamped S = sum_y exp(min(r_y, M)), r_y = log q_y - log p_y.
+            # math.md 4.2 is needs the clamped S = sum_y exp(min(r_y, M)), r_y = log q_y - log p_y.
             # The largest r_y is max(d) + LSE_z - LSE_u: only when it exceeds M does S need a
             # pass of its own.
             lse_shift = lse_z - lse_u
@@ -335,7 +335,7 @@ def _dense_target_kernel(
                 clamped_terms += tl.where(participating, ratio, 0.0)
             ratio_sum = tl.where(clamp_active, tl.sum(clamped_terms, axis=0), ratio_sum)
 
-    # Score objective (SPEC 4.3): clamped 1/p_a and 1/q_a.
+    # Score objective (math.md 4.3): clamped 1/p_a and 1/q_a.
     log_inv_pa = tl.minimum(lse_z - z_a, max_log_ratio)
     log_inv_qa = tl.minimum(lse_u - u_a, max_log_ratio)
     inv_pa = tl.exp(log_inv_pa)
@@ -360,13 +360,13 @@ def _dense_target_kernel(
             # 0 log 0 = 0: a teacher probability of 0 (u = -inf) adds nothing to the KL.
             kl_terms += tl.where(participating & (q > 0), q * log_ratio, 0.0)
         if SCORE:
-            # SPEC 4.3 gkl: (1/V)[(e_a - q)/q_a - (e_a - p)/p_a], with q_k/q_a and p_k/p_a
+            # math.md 4.3 gkl: (1/V)[(e_a - q)/q_a - (e_a - p)/p_a], with q_k/q_a and p_k/p_a
             # formed as exp(log(1/q_a) + log q_k) so that the clamp applies to both.
             at_a = cols == target
             grad = (tl.exp(log_inv_pa + logp) - tl.exp(log_inv_qa + logq)
                     + tl.where(at_a, inv_qa - inv_pa, 0.0)) / n_classes
         else:
-            # SPEC 4.2: kl gradient p - q; is gradient (1/V)(1 - q/p + p (S - V)).
+            # math.md 4.2: kl gradient p - q; is gradient (1/V)(1 - q/p + p (S - V)).
             if DIVERGENCE == _KL:
                 grad = p - q
             else:
@@ -383,12 +383,12 @@ def _dense_target_kernel(
 
     kl = tl.sum(kl_terms, axis=0)
     if SCORE:
-        # SPEC 4.3 gkl: (1/V)[(KL(q||p) - log q_a + log p_a)/q_a - 1/q_a + 1/p_a].
+        # math.md 4.3 gkl: (1/V)[(KL(q||p) - log q_a + log p_a)/q_a - 1/q_a + 1/p_a].
         log_qa = u_a - lse_u
         log_pa = z_a - lse_z
         row_loss = ((kl - log_qa + log_pa) * inv_qa - inv_qa + inv_pa) / n_classes
     else:
-        # SPEC 4.2: kl = sum q log(q/p); is = (1/V) sum [q/p - log(q/p) - 1]; gkl = kl + is.
+        # math.md 4.2: kl = sum q log(q/p); is = (1/V) sum [q/p - log(q/p) - 1]; gkl = kl + is.
         is_ = tl.sum(is_terms, axis=0) / n_classes
         row_loss = _divergence_loss(kl, is_, DIVERGENCE)
     _store_row_loss(loss_ptr, row, row_loss + z_loss, weight, live, row_ok)
@@ -421,7 +421,7 @@ def _dense_score_is_kernel(
         participating = (cols < n_live_cols) & (cols != mask_id)
         z, slope = _load_logits(logits_row + cols, participating, 0.0, softcap, SOFTCAP)
         u = tl.load(teacher_row + cols, mask=participating, other=0.0).to(tl.float32) / temperature
-        # SPEC 4.3 is: (1/V) IS(q/q_a, p/p_a) = (1/V) sum_y [e^r_y - r_y - 1] with
+        # math.md 4.3 is: (1/V) IS(q/q_a, p/p_a) = (1/V) sum_y [e^r_y - r_y - 1] with
         # r_y = (u_y - u_a)/tau - (z_y - z_a); d/dz_k = (1/V)(1 - e^r_k) for k != a.
         log_ratio = (u - u_a) - (z - z_a)
         ratio = _clamped_exp(log_ratio, max_log_ratio)
@@ -448,7 +448,7 @@ def _sparse_entries(logits_row, topk_idx_row, topk_ratio_row, stride_idx_col, st
     """Top-K entries at `positions`: column, whether counted, z there (and its softcap slope),
     loss and gradient terms.
 
-    SPEC 4.4, B_y = exp(z_y - z_a), A_y = exp(rho_y); entries equal to a or mask_id are not
+    math.md 4.4, B_y = exp(z_y - z_a), A_y = exp(rho_y); entries equal to a or mask_id are not
     counted, duplicates each count, nothing is read when n_live_topk = 0 (row not computed).
     grad_terms[j] is (V / weight) d loss / d z at column S_j; column a receives minus their
     sum, since every term depends on z_y - z_a.
@@ -491,7 +491,7 @@ def _sparse_target_kernel(
     SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr, RETURN_LSE: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_K: tl.constexpr,
 ):
-    """Sparse top-K teacher, score objective (SPEC 4.4): is, or gkl with tail zero / ignore."""
+    """Sparse top-K teacher, score objective (math.md 4.4): is, or gkl with tail zero / ignore."""
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits
     grad_row = grad_ptr + row * stride_grad
@@ -541,7 +541,7 @@ def _sparse_target_kernel(
     z_p_coef = tl.full([], 0.0, tl.float32)
     lse = tl.full([], 0.0, tl.float32)
     if TAIL_ZERO:
-        # tail zero: sum_{y != a} B_y = exp(LSE - z_a) - 1, clamped (SPEC 4.4-4.5). Gradient:
+        # tail zero: sum_{y != a} B_y = exp(LSE - z_a) - 1, clamped (math.md 4.4, 4.6). Gradient:
         # p_k/p_a at k != a, p_a/p_a - 1/p_a at a, with p_k/p_a = exp(log(1/p_a) + log p_k).
         lse = _row_lse(logits_row, n_live_cols, n_cols, mask_id, softcap, SOFTCAP, BLOCK_V)
         log_inv_pa = tl.minimum(lse - z_a, max_log_ratio)
