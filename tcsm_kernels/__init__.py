@@ -13,9 +13,10 @@ from .ops.topk_scores import TopKTarget, topk_concrete_scores, topk_log_probs
 from .loss_options import LOSS_CASES, LossOptions, LossOutput
 from .processes import MaskedProcess, UniformProcess
 from .schedules import get_schedule
+from . import distributed  # noqa: E402 (tcsm_kernels.distributed.vocab_parallel_*)
 
 __all__ = ["fused_tcsm_loss", "TCSMLoss", "fused_linear_tcsm_loss", "TCSMLinearLoss",
            "release_buffer_cache", "ctmc_step", "topk_concrete_scores", "reference", "schedules", "processes", "MaskedProcess",
            "UniformProcess", "get_schedule", "row_logsumexp", "topk_log_probs", "TopKTarget",
-           "LOSS_CASES", "LossOptions", "LossOutput"]
+           "LOSS_CASES", "LossOptions", "LossOutput", "distributed"]
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from . import _checks, philox
+from .columns import Columns, remap_ids
 from .loss_options import LossOptions, LossOutput
 from .ops.step_output import StepOutput, step_result  # noqa: F401 (StepOutput re-exported)
 
@@ -39,44 +40,35 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _drop_column(rows: torch.Tensor, mask_id: Optional[int]) -> torch.Tensor:
-    """(N, V) -> (N, V - 1) without the mask column (math.md 1: mask_id acts as -inf)."""
-    if mask_id is None:
-        return rows
-    keep = torch.arange(rows.shape[1], device=rows.device) != mask_id
-    return rows[:, keep]
+def _drop_column(per_column: torch.Tensor, mask_id: Optional[int]) -> torch.Tensor:
+    """A (V,) per-column vector without the mask column."""
+    return Columns(per_column.shape[0], mask_id).participating(per_column[None])[0]
 
 
-def _remap_ids(ids: torch.Tensor, mask_id: Optional[int]) -> torch.Tensor:
-    """Column ids in the (V - 1)-column space that has the mask column removed."""
-    if mask_id is None:
-        return ids
-    return ids - (ids > mask_id).to(ids.dtype)
-
-
-def _teacher_kl(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+def _teacher_kl(logq: torch.Tensor, logp: torch.Tensor, total=lambda x: x.sum(1)) -> torch.Tensor:
     """(N,) KL(q || p) = sum_y q_y (log q_y - log p_y), with 0 log 0 = 0 where q_y = 0 (a -inf
-    teacher logit); the ratio is zeroed there before the product so autograd sees no NaN."""
+    teacher logit); the ratio is zeroed there before the product so autograd sees no NaN.
+    ``total`` sums a row (a ``Columns`` reduction for column tensors)."""
     log_ratio = torch.where(logq > float("-inf"), logq - logp, 0.0)
-    return (logq.exp() * log_ratio).sum(1)
+    return total(logq.exp() * log_ratio)
 
 
-def _topk_distrib_losses(z, lse, idx, counted, log_q, divergence, tail, exp_):
-    """(N,) top-K distribution losses (math.md 4.5). z (N, V) participating columns, idx (N, K)
-    remapped columns, counted (N, K) entries that take part, log_q (N, K) log-probabilities."""
+def _topk_distrib_losses(cols: Columns, z, lse, idx, counted, log_q, divergence, tail, exp_):
+    """(N,) top-K distribution losses (math.md 4.5). z (N, V_held) participating columns, idx
+    (N, K) remapped columns, counted (N, K) entries that take part, log_q (N, K)
+    log-probabilities."""
     log_q = torch.where(counted, log_q, float("-inf"))
-    logp = z.gather(1, idx) - lse[:, None]
+    logp = cols.gather(z, idx) - lse[:, None]
     if tail == "renormalize":  # q' = q / sum_S q on S, 0 elsewhere
         log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)
         return _teacher_kl(log_q, logp)
     # tail zero: the cells are the K entries and the rest R (the columns outside S).
-    in_s = torch.zeros(z.shape, dtype=torch.int32, device=z.device).scatter_add(
-        1, idx, counted.to(torch.int32)) > 0
-    rest_nonempty = (~in_s).any(1)
+    in_s = cols.members(idx, counted, z)
+    rest_nonempty = cols.any(~in_s)
     # log p_R = logsumexp(z on R) - LSE; rows whose rest is empty or all -inf take it from
     # the whole row instead (then unused), so that autograd meets no logsumexp of only -inf.
-    rest_live = z.masked_fill(in_s, float("-inf")).amax(1) > float("-inf")
-    lse_rest = torch.logsumexp(z.masked_fill(in_s & rest_live[:, None], float("-inf")), dim=1)
+    rest_live = cols.amax(z.masked_fill(in_s, float("-inf"))) > float("-inf")
+    lse_rest = cols.logsumexp(z.masked_fill(in_s & rest_live[:, None], float("-inf")))
     log_p_rest = torch.where(rest_live, lse_rest - lse,
                              torch.where(rest_nonempty, float("-inf"), 0.0))
     q_rest = (1 - log_q.exp().sum(1)).clamp(min=0)
@@ -87,7 +79,7 @@ def _topk_distrib_losses(z, lse, idx, counted, log_q, divergence, tail, exp_):
         return kl
     # IS over the cells, / V as the dense one: (1/V) sum_c [r_c - log r_c - 1], r = q_c / p_c;
     # the rest is a cell where the teacher has mass off S (else only the K cells count).
-    v = z.shape[1]
+    v = cols.v
     log_r = log_q - logp
     cells = torch.where(counted, exp_(log_r) - log_r - 1, 0).sum(1)
     log_r_rest = torch.where(q_rest_counted, log_q_rest - log_p_rest, 0)
@@ -103,27 +95,27 @@ def _student_logits(logits: torch.Tensor, options: LossOptions) -> torch.Tensor:
     return z if options.softcap is None else options.softcap * torch.tanh(z / options.softcap)
 
 
-def _row_losses(inp: _checks.LossInputs, options: LossOptions):
+def _row_losses(inp: _checks.LossInputs, options: LossOptions, cols: Columns):
     """(N,) unweighted per-row losses (docs/math.md 4) with the z-loss, and the student's row
     LSE (N,); ignored rows hold finite placeholders."""
-    z = _drop_column(_student_logits(inp.logits, options), options.mask_id)
-    lse = torch.logsumexp(z, dim=1)
-    rows = _divergence_rows(inp, options, z, lse)
+    z = cols.participating(_student_logits(inp.logits, options))
+    lse = cols.logsumexp(z)
+    rows = _divergence_rows(inp, options, cols, z, lse)
     if options.lse_square_scale > 0:  # z-loss (PaLM; Liger's lse_square_scale): s LSE^2
         rows = rows + options.lse_square_scale * lse ** 2
     return rows, lse
 
 
-def _divergence_rows(inp: _checks.LossInputs, options: LossOptions, z: torch.Tensor,
-                     lse: torch.Tensor) -> torch.Tensor:
-    """(N,) unweighted divergences of the student's participating logits z (N, V)."""
+def _divergence_rows(inp: _checks.LossInputs, options: LossOptions, cols: Columns,
+                     z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """(N,) unweighted divergences of the student's participating logits z (N, V_held)."""
     divergence, mask_id, temperature = options.divergence, options.mask_id, options.temperature
     ct = z.dtype
-    n, v = z.shape
+    v = cols.v
     active = inp.target != options.ignore_index
-    a = _remap_ids(torch.where(active, inp.target, torch.zeros_like(inp.target)), mask_id).long()
+    a = remap_ids(torch.where(active, inp.target, torch.zeros_like(inp.target)), mask_id).long()
     a = a.clamp(0, v - 1)
-    z_a = z.gather(1, a[:, None])[:, 0]
+    z_a = cols.gather(z, a[:, None])[:, 0]
     logp = z - lse[:, None]
 
     def exp_(x):
@@ -131,46 +123,46 @@ def _divergence_rows(inp: _checks.LossInputs, options: LossOptions, z: torch.Ten
 
     if inp.kind == "data":  # math.md 4.1
         kl = lse - z_a
-        is_ = (exp_(lse - z_a) + z.sum(1) - v * lse) / v
+        is_ = (exp_(lse - z_a) + cols.sum(z) - v * lse) / v
         rows = {"kl": kl, "is": is_, "gkl": kl + is_}[divergence]
         class_weight = torch.ones(v, dtype=ct, device=z.device)
         if inp.class_weight is not None:  # F.cross_entropy's weight=: w_a per row
-            class_weight = _drop_column(inp.class_weight.to(ct)[None], mask_id)[0]
+            class_weight = _drop_column(inp.class_weight.to(ct), mask_id)
             rows = rows * class_weight[a]
         if options.label_smoothing > 0:
             # F.cross_entropy(label_smoothing=eps, weight=w):
             # (1 - eps) w_a (-log p_a) + (eps / V) sum_y w_y (-log p_y)
             eps = options.label_smoothing
-            rows = (1 - eps) * rows - eps / v * (logp * class_weight).sum(1)
+            rows = (1 - eps) * rows - eps / v * cols.sum(logp * cols.local(class_weight))
         return rows
 
     if inp.kind == "dense":
-        u = _drop_column(inp.teacher_logits.to(ct), mask_id) / temperature
-        logq = u - torch.logsumexp(u, dim=1, keepdim=True)
-        kl = _teacher_kl(logq, logp)
+        u = cols.participating(inp.teacher_logits.to(ct)) / temperature
+        logq = u - cols.logsumexp(u)[:, None]
+        kl = _teacher_kl(logq, logp, cols.sum)
         if options.objective == "distrib":  # math.md 4.2
             log_ratio = logq - logp  # log(q / p)
-            is_ = (exp_(log_ratio) - log_ratio - 1).sum(1) / v
+            is_ = cols.sum(exp_(log_ratio) - log_ratio - 1) / v
             return {"kl": kl, "is": is_, "gkl": kl + is_}[divergence]
-        logq_a = logq.gather(1, a[:, None])[:, 0]
-        logp_a = logp.gather(1, a[:, None])[:, 0]
+        logq_a = cols.gather(logq, a[:, None])[:, 0]
+        logp_a = cols.gather(logp, a[:, None])[:, 0]
         if divergence == "gkl":  # math.md 4.3: (1/V) GKL(q/q_a, p/p_a)
             return ((kl - logq_a + logp_a) * exp_(-logq_a) - exp_(-logq_a) + exp_(-logp_a)) / v
         # math.md 4.3, is: r_y = log(A_y / B_y) = (log q_y - log q_a) - (z_y - z_a)
         r = (logq - logq_a[:, None]) - (z - z_a[:, None])
-        return (exp_(r) - r - 1).sum(1) / v
+        return cols.sum(exp_(r) - r - 1) / v
 
     idx = inp.topk_indices.long()
     values = inp.topk_values.to(ct)
     counted = torch.ones_like(idx, dtype=torch.bool) if mask_id is None else idx != mask_id
-    remapped = _remap_ids(idx, mask_id).clamp(0, v - 1)
+    remapped = remap_ids(idx, mask_id).clamp(0, v - 1)
     if options.objective == "distrib":
-        return _topk_distrib_losses(z, lse, remapped, counted, values, divergence, options.tail,
-                                    exp_)
+        return _topk_distrib_losses(cols, z, lse, remapped, counted, values, divergence,
+                                    options.tail, exp_)
     # math.md 4.4: sparse top-K teacher, score objective; entries equal to a are skipped.
     rho = values
     counted &= idx != inp.target[:, None]
-    log_b = z.gather(1, remapped) - z_a[:, None]  # log B_y = z_y - z_a
+    log_b = cols.gather(z, remapped) - z_a[:, None]  # log B_y = z_y - z_a
     if divergence == "is":
         r = rho - log_b
         return torch.where(counted, exp_(r) - r - 1, 0).sum(1) / v
@@ -245,9 +237,13 @@ def loss_result(loss: torch.Tensor, options: LossOptions, lse: Optional[torch.Te
     return LossOutput(loss.to(out_dtype), lse.detach(), z_loss.detach().to(out_dtype))
 
 
-def loss_from_inputs(inp: _checks.LossInputs, options: LossOptions, normalizer=None):
-    """``tcsm_loss`` on inputs already validated and flattened by ``_checks.loss_inputs``."""
-    rows, lse = _row_losses(inp, options)
+def loss_from_inputs(inp: _checks.LossInputs, options: LossOptions, normalizer=None,
+                     cols: Optional[Columns] = None):
+    """``tcsm_loss`` on inputs already validated and flattened by ``_checks.loss_inputs``;
+    ``cols``: the columns ``inp.logits`` holds (default: all of them)."""
+    if cols is None:
+        cols = Columns(inp.logits.shape[1], options.mask_id)
+    rows, lse = _row_losses(inp, options, cols)
     active = inp.target != options.ignore_index
     _checks.finite_rows(torch.where(active, rows, 0),
                         (("logits", inp.logits), ("teacher_logits", inp.teacher_logits),
