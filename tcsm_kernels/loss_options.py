@@ -8,6 +8,7 @@ one new row here plus its kernels.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Tuple
@@ -195,6 +196,12 @@ class LossOptions:
             raise TypeError(f"out_dtype must be None or one of {OUT_DTYPES}, got "
                             f"{self.out_dtype!r}")
 
+    @classmethod
+    def from_arguments(cls, arguments: dict) -> "LossOptions":
+        """The options among a public function's arguments (``locals()`` at its top); the
+        fields it does not take keep their defaults."""
+        return cls(**{name: arguments[name] for name in _OPTION_NAMES if name in arguments})
+
     @property
     def uses_lse(self) -> bool:
         """Whether the kernel must form (and may return) the student's row LSE."""
@@ -243,3 +250,7 @@ class LossOptions:
                    ignore_index=ignore_index, max_log_ratio=max_log_ratio,
                    softcap=softcap or None, lse_square_scale=lse_square_scale,
                    label_smoothing=label_smoothing, return_lse=return_lse, backend=backend)
+
+
+# The field names, read once (torch.compile cannot trace dataclasses.fields).
+_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(LossOptions))

@@ -214,13 +214,7 @@ def tcsm_loss(logits, target, *, teacher_logits=None, teacher_topk=None, diverge
     float64 logits) unless ``out_dtype`` says otherwise: a scalar, or per-row losses (...) for
     ``reduction="none"``; a ``LossOutput`` with ``return_lse``.
     """
-    options = LossOptions(divergence=divergence, objective=objective, mask_id=mask_id,
-                          temperature=temperature, reduction=reduction,
-                          ignore_index=ignore_index, tail=tail, max_log_ratio=max_log_ratio,
-                          inplace_backward=inplace_backward, backend=backend, check=check,
-                          softcap=softcap, lse_square_scale=lse_square_scale,
-                          label_smoothing=label_smoothing, return_lse=return_lse,
-                          out_dtype=out_dtype)
+    options = LossOptions.from_arguments(locals())
     inp = _checks.loss_inputs(logits, target, teacher_logits=teacher_logits,
                               teacher_topk=teacher_topk, weight=weight, normalizer=normalizer,
                               options=options, class_weight=class_weight)

@@ -18,9 +18,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import _checks, reference
-from ..loss_options import LossOptions
-from ..loss_options import LossOutput
-from .shards import ShardColumns, agree, grad_sum_over_ranks, share_of_gradient
+from ..loss_options import LossOptions, LossOutput
+from .shards import (ShardColumns, agree, check_shard, grad_sum_over_ranks, shard_width,
+                     share_of_gradient)
 
 _NOT_HERE = ("inplace_backward", "backend")
 
@@ -55,15 +55,7 @@ def vocab_parallel_tcsm_loss(logits_shard: torch.Tensor, target: torch.Tensor, *
     """
     def check():
         opts = _options(options)
-        _checks.python_int("vocab_size", vocab_size)
-        _checks.python_int("vocab_start", vocab_start)
-        _checks.tensor("logits_shard", logits_shard, _checks.FLOAT_DTYPES)
-        if logits_shard.dim() < 1:
-            raise ValueError("logits_shard must have shape (..., shard)")
-        if not 0 <= vocab_start <= vocab_start + logits_shard.shape[-1] <= vocab_size:
-            raise ValueError(f"logits_shard's columns [{vocab_start}, "
-                             f"{vocab_start + logits_shard.shape[-1]}) are not inside "
-                             f"[0, vocab_size={vocab_size})")
+        check_shard("logits_shard", logits_shard, vocab_start, vocab_size)
         if teacher_logits_shard is not None and (
                 teacher_logits_shard.shape != logits_shard.shape):
             raise ValueError(f"teacher_logits_shard must have the shard's shape "
@@ -76,8 +68,7 @@ def vocab_parallel_tcsm_loss(logits_shard: torch.Tensor, target: torch.Tensor, *
                             weight=weight, normalizer=normalizer, options=opts,
                             class_weight=class_weight)
 
-    width = (logits_shard.shape[-1]
-             if isinstance(logits_shard, torch.Tensor) and logits_shard.dim() else 0)
+    width = shard_width(logits_shard)
     layout = agree(check, vocab_start, width, vocab_size, group)
     opts = _options(options)
     full = logits_shard.new_zeros(()).expand(logits_shard.shape[:-1] + (vocab_size,))

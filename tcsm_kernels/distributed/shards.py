@@ -18,6 +18,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
+from .. import _checks
 from ..columns import Columns
 
 
@@ -84,6 +85,24 @@ def _all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     out = x.contiguous().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
     return out
+
+
+def check_shard(name: str, shard: torch.Tensor, vocab_start: int, vocab_size: int) -> None:
+    """Local checks of a shard (..., width) of columns [vocab_start, vocab_start + width)."""
+    _checks.python_int("vocab_size", vocab_size)
+    _checks.python_int("vocab_start", vocab_start)
+    _checks.tensor(name, shard, _checks.FLOAT_DTYPES)
+    if shard.dim() < 1:
+        raise ValueError(f"{name} must have shape (..., shard)")
+    end = vocab_start + shard.shape[-1]
+    if not 0 <= vocab_start <= end <= vocab_size:
+        raise ValueError(f"{name}'s columns [{vocab_start}, {end}) are not inside "
+                         f"[0, vocab_size={vocab_size})")
+
+
+def shard_width(shard) -> int:
+    """The shard's column count as this rank reports it (0 for what is not a shard)."""
+    return shard.shape[-1] if isinstance(shard, torch.Tensor) and shard.dim() else 0
 
 
 class _SumOverRanks(torch.autograd.Function):

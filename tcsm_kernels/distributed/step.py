@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .. import _checks, philox
 from ..ops.step_output import step_result
-from .shards import agree, max_over_ranks
+from .shards import agree, check_shard, max_over_ranks, shard_width
 
 
 def _gather_rows(x: torch.Tensor, layout) -> torch.Tensor:
@@ -44,21 +44,12 @@ def vocab_parallel_ctmc_step(logits_shard: torch.Tensor, x: torch.Tensor,
         return logits_shard.new_zeros(()).expand(logits_shard.shape[:-1] + (vocab_size,))
 
     def validate():
-        _checks.python_int("vocab_size", vocab_size)
-        _checks.python_int("vocab_start", vocab_start)
-        _checks.tensor("logits_shard", logits_shard, _checks.FLOAT_DTYPES)
-        if logits_shard.dim() < 1:
-            raise ValueError("logits_shard must have shape (..., shard)")
-        if not 0 <= vocab_start <= vocab_start + logits_shard.shape[-1] <= vocab_size:
-            raise ValueError(f"logits_shard's columns [{vocab_start}, "
-                             f"{vocab_start + logits_shard.shape[-1]}) are not inside "
-                             f"[0, vocab_size={vocab_size})")
+        check_shard("logits_shard", logits_shard, vocab_start, vocab_size)
         _checks.step_inputs(full_view(), x, jump_prob, mask_id=mask_id, temperature=temperature,
                             frozen=frozen, seed=seed, offset=offset, backend="reference",
                             check=check)
 
-    width = (logits_shard.shape[-1]
-             if isinstance(logits_shard, torch.Tensor) and logits_shard.dim() else 0)
+    width = shard_width(logits_shard)
     layout = agree(validate, vocab_start, width, vocab_size, group)
     _, flat_x, jump, flat_frozen, batch_shape, mask_id = _checks.step_inputs(
         full_view(), x, jump_prob, mask_id=mask_id, temperature=temperature, frozen=frozen,

@@ -26,7 +26,7 @@ from torch import nn
 from .. import _backend, _checks, reference
 from ..loss_options import LossOptions, LossOutput
 from .custom_op import custom_op
-from .loss import _row_weights, _run_kernel, kernel_class_weight, reduced_z_loss
+from .loss import _row_weights, _run_kernel, kernel_class_weight, kernel_topk, reduced_z_loss
 
 # chunk_rows="auto": the (chunk, V) buffers of one chunk stay below this many bytes.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -185,11 +185,16 @@ class _FusedLinearTCSMLoss(torch.autograd.Function):
         else:
             grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
             # The rows were summed (sum/mean), so every row's upstream gradient is the same
-            # scalar; it scales the kept unit-upstream gradients (a tensor op: no host sync).
+            # scalar; it scales the kept unit-upstream gradients in place (they are ours: a
+            # second backward through the graph is not supported), so no (V, D) copy is made;
+            # a tensor op, no host sync. On CPU a unit scale is seen and skips the passes.
             scale = grad_rows[0].float()
-            grad_hidden = grad_hidden * scale.to(grad_hidden.dtype)
-            grad_weight = grad_weight * scale
-            grad_bias = grad_bias * scale
+            unit = (scale.device.type == "cpu" and not torch.compiler.is_compiling()
+                    and bool(scale == 1))
+            if not unit:
+                grad_hidden.mul_(scale.to(grad_hidden.dtype))
+                grad_weight.mul_(scale)
+                grad_bias.mul_(scale)
         weight_dtype, bias_dtype = ctx.dtypes
         return (grad_hidden, grad_weight.to(weight_dtype),
                 grad_bias.to(bias_dtype) if ctx.has_bias else None,
@@ -277,12 +282,7 @@ def fused_linear_tcsm_loss(
     logits to overwrite). ``chunk_rows``: rows per chunk, "auto" (the chunk's (chunk, V)
     buffers under 256 MiB) or a byte budget such as "512MiB".
     """
-    options = LossOptions(divergence=divergence, objective=objective, mask_id=mask_id,
-                          temperature=temperature, reduction=reduction,
-                          ignore_index=ignore_index, tail=tail, max_log_ratio=max_log_ratio,
-                          backend=backend, check=check, softcap=softcap,
-                          lse_square_scale=lse_square_scale, label_smoothing=label_smoothing,
-                          return_lse=return_lse, out_dtype=out_dtype)
+    options = LossOptions.from_arguments(locals())
     batch_shape, d, vocab = _linear_inputs(hidden, weight, bias, teacher_hidden, teacher_weight,
                                            teacher_bias, teacher_logits)
     # A zero-stride stand-in for the logits that are never formed: validation reads only its
@@ -311,10 +311,7 @@ def fused_linear_tcsm_loss(
     teacher = inp.teacher_logits
     if teacher is not None:
         teacher = _checks.unit_column_stride(teacher.to(hidden.dtype))
-    topk_indices = topk_values = None
-    if inp.topk_indices is not None:
-        topk_indices = inp.topk_indices.to(torch.int64).contiguous()
-        topk_values = inp.topk_values.to(torch.float32).contiguous()
+    topk_indices, topk_values = kernel_topk(inp)
     teachers = (teacher, flat_teacher_hidden, teacher_weight, teacher_bias, topk_indices,
                 topk_values)
     row_weights = _row_weights(inp, options, normalizer)

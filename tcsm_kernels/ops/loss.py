@@ -153,6 +153,15 @@ def kernel_class_weight(inp: _checks.LossInputs) -> Optional[torch.Tensor]:
     return inp.class_weight.to(torch.float32).contiguous()
 
 
+def kernel_topk(inp: _checks.LossInputs) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The top-K teacher as the kernels read it: indices (N, K) int64, values (N, K) float32,
+    contiguous; (None, None) without one."""
+    if inp.topk_indices is None:
+        return None, None
+    return (inp.topk_indices.to(torch.int64).contiguous(),
+            inp.topk_values.to(torch.float32).contiguous())
+
+
 def reduced_z_loss(lse: torch.Tensor, row_weights: Optional[torch.Tensor],
                    options: LossOptions, batch_shape) -> torch.Tensor:
     """The z-loss part of the loss from the kernel's row LSEs (0 on rows that carry none):
@@ -172,10 +181,7 @@ def fused_rows(inp: _checks.LossInputs, options: LossOptions, backend: str,
     teacher = inp.teacher_logits
     if teacher is not None:
         teacher = _checks.unit_column_stride(teacher.to(flat_logits.dtype))
-    topk_indices = topk_values = None
-    if inp.topk_indices is not None:
-        topk_indices = inp.topk_indices.to(torch.int64).contiguous()
-        topk_values = inp.topk_values.to(torch.float32).contiguous()
+    topk_indices, topk_values = kernel_topk(inp)
     row_weights = _row_weights(inp, options, normalizer)
     rows, lse = _FusedTCSMLoss.apply(flat_logits, inp.target.to(torch.int64).contiguous(),
                                      row_weights, kernel_class_weight(inp), teacher,
@@ -261,13 +267,7 @@ def fused_tcsm_loss(logits: torch.Tensor, target: torch.Tensor, *,
     ``backend``: "auto" (C++ on CPU, Triton on CUDA, reference for float64), "cpp", "triton",
     "reference".
     """
-    options = LossOptions(divergence=divergence, objective=objective, mask_id=mask_id,
-                          temperature=temperature, reduction=reduction,
-                          ignore_index=ignore_index, tail=tail, max_log_ratio=max_log_ratio,
-                          inplace_backward=inplace_backward, backend=backend, check=check,
-                          softcap=softcap, lse_square_scale=lse_square_scale,
-                          label_smoothing=label_smoothing, return_lse=return_lse,
-                          out_dtype=out_dtype)
+    options = LossOptions.from_arguments(locals())
     inp = _checks.loss_inputs(logits, target, teacher_logits=teacher_logits,
                               teacher_topk=teacher_topk, weight=weight, normalizer=normalizer,
                               options=options, class_weight=class_weight)

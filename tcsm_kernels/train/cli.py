@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_command(sub, "demo", _demo, "train, evaluate and sample in a few minutes on CPU")
     p.add_argument("--out", default=None, help="directory for the run (default: a new "
-                   "temporary directory, kept and printed at the end)")
+                   "runs/demo-<time>; kept, and printed at the end)")
     p.add_argument("--train-seconds", type=positive(float), default=140.0,
                    help="training time the step count is calibrated for")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -33,10 +32,11 @@ def calibrate(config: TrainConfig, run_dir: Path, threads: Optional[int]) -> flo
 
 def run_demo(out: Optional[str] = None, train_seconds: float = 140.0, bench: bool = True,
              threads: Optional[int] = None) -> dict:
-    """The whole tour; returns the numbers it printed. Without ``out`` everything is written to
-    a temporary directory that is removed at the end."""
+    """The whole tour; returns the numbers it printed. The trained run is kept, in ``out`` or
+    in a new ``runs/demo-<time>``, for ``tcsm sample`` / ``tcsm plot`` / ``tcsm eval``; only
+    the throughput calibration's scratch run is removed."""
     began = time.perf_counter()
-    workdir = Path(out) if out else Path(tempfile.mkdtemp(prefix="tcsm-demo-"))
+    workdir = Path(out) if out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     try:
         config = DEMO_CONFIG
         tokens_per_step = config.batch_size * config.seq_len
@@ -66,10 +66,10 @@ def run_demo(out: Optional[str] = None, train_seconds: float = 140.0, bench: boo
         if table:
             print(format_table(table))
         total = time.perf_counter() - began
-        print(f"demo finished in {total:.0f} s", flush=True)
+        print(f"demo finished in {total:.0f} s; the run is kept in {run_dir} (tcsm sample --run "
+              f"{run_dir}, tcsm plot --run {run_dir})", flush=True)
         return {"steps": summary["step"], "tokens_per_s": summary["tokens_per_s"],
                 "evaluation": evaluation, "samples": samples, "loss_table": table,
                 "seconds": total}
     finally:
-        if not out:
-            shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(workdir / "calibration", ignore_errors=True)

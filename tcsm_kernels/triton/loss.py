@@ -442,6 +442,25 @@ def _dense_score_is_kernel(
 
 
 @triton.jit
+def _topk_row_setup(target_ptr, stride_target, weight_ptr, stride_weight, topk_idx_row,
+                    stride_idx_col, row, n_cols, n_topk, mask_id, ignore_index,
+                    HAS_WEIGHT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_row_setup for a top-K teacher: the row is computed only if every top-K id is a
+    column too; returns the loop bounds over V and over K (0 skips) and the K positions."""
+    target, weight, live, target_ok = _row_setup(target_ptr, stride_target, weight_ptr,
+                                                 stride_weight, row, n_cols, mask_id,
+                                                 ignore_index, HAS_WEIGHT)
+    positions = tl.arange(0, BLOCK_K)
+    in_topk = positions < tl.where(live, n_topk, 0)
+    raw_cols = tl.load(topk_idx_row + positions * stride_idx_col, mask=in_topk, other=0)
+    bad_cols = in_topk & ((raw_cols < 0) | (raw_cols >= n_cols))
+    row_ok = live & target_ok & (tl.sum(bad_cols.to(tl.int32), axis=0) == 0)
+    n_live_cols = tl.where(row_ok, n_cols, 0)
+    n_live_topk = tl.where(row_ok, n_topk, 0)
+    return target, weight, live, row_ok, n_live_cols, n_live_topk, positions
+
+
+@triton.jit
 def _sparse_entries(logits_row, topk_idx_row, topk_ratio_row, stride_idx_col, stride_ratio_col,
                     positions, n_live_topk, target, z_a, mask_id, max_log_ratio, softcap,
                     DIVERGENCE: tl.constexpr, TAIL_ZERO: tl.constexpr, SOFTCAP: tl.constexpr):
@@ -497,16 +516,9 @@ def _sparse_target_kernel(
     grad_row = grad_ptr + row * stride_grad
     topk_idx_row = topk_idx_ptr + row * stride_idx_row
     topk_ratio_row = topk_ratio_ptr + row * stride_ratio_row
-    target, weight, live, target_ok = _row_setup(target_ptr, stride_target, weight_ptr,
-                                                 stride_weight, row, n_cols, mask_id,
-                                                 ignore_index, HAS_WEIGHT)
-    positions = tl.arange(0, BLOCK_K)
-    in_topk = positions < tl.where(live, n_topk, 0)
-    raw_cols = tl.load(topk_idx_row + positions * stride_idx_col, mask=in_topk, other=0)
-    bad_cols = in_topk & ((raw_cols < 0) | (raw_cols >= n_cols))
-    row_ok = live & target_ok & (tl.sum(bad_cols.to(tl.int32), axis=0) == 0)
-    n_live_cols = tl.where(row_ok, n_cols, 0)
-    n_live_topk = tl.where(row_ok, n_topk, 0)
+    target, weight, live, row_ok, n_live_cols, n_live_topk, positions = _topk_row_setup(
+        target_ptr, stride_target, weight_ptr, stride_weight, topk_idx_row, stride_idx_col,
+        row, n_cols, n_topk, mask_id, ignore_index, HAS_WEIGHT, BLOCK_K)
     z_a, slope_a = _load_logits(logits_row + target, row_ok, 0.0, softcap, SOFTCAP)
     cols, counted, z_s, slope_s, loss_terms, grad_terms = _sparse_entries(
         logits_row, topk_idx_row, topk_ratio_row, stride_idx_col, stride_ratio_col, positions,
@@ -624,16 +636,9 @@ def _sparse_distrib_kernel(
     grad_row = grad_ptr + row * stride_grad
     topk_idx_row = topk_idx_ptr + row * stride_idx_row
     topk_value_row = topk_value_ptr + row * stride_value_row
-    target, weight, live, target_ok = _row_setup(target_ptr, stride_target, weight_ptr,
-                                                 stride_weight, row, n_cols, mask_id,
-                                                 ignore_index, HAS_WEIGHT)
-    positions = tl.arange(0, BLOCK_K)
-    in_topk = positions < tl.where(live, n_topk, 0)
-    raw_cols = tl.load(topk_idx_row + positions * stride_idx_col, mask=in_topk, other=0)
-    bad_cols = in_topk & ((raw_cols < 0) | (raw_cols >= n_cols))
-    row_ok = live & target_ok & (tl.sum(bad_cols.to(tl.int32), axis=0) == 0)
-    n_live_cols = tl.where(row_ok, n_cols, 0)
-    n_live_topk = tl.where(row_ok, n_topk, 0)
+    target, weight, live, row_ok, n_live_cols, n_live_topk, positions = _topk_row_setup(
+        target_ptr, stride_target, weight_ptr, stride_weight, topk_idx_row, stride_idx_col,
+        row, n_cols, n_topk, mask_id, ignore_index, HAS_WEIGHT, BLOCK_K)
     in_topk = positions < n_live_topk
     cols = tl.load(topk_idx_row + positions * stride_idx_col, mask=in_topk, other=0).to(tl.int64)
     counted = in_topk & (cols != mask_id)
