@@ -64,18 +64,13 @@ def vocab_parallel_tcsm_loss(logits_shard: torch.Tensor, target: torch.Tensor, *
         # Validate everything else against the full vocabulary, on stand-ins of its shape.
         full = logits_shard.new_zeros(()).expand(logits_shard.shape[:-1] + (vocab_size,))
         teacher = None if teacher_logits_shard is None else full
-        _checks.loss_inputs(full, target, teacher_logits=teacher, teacher_topk=teacher_topk,
-                            weight=weight, normalizer=normalizer, options=opts,
-                            class_weight=class_weight)
+        return opts, _checks.loss_inputs(full, target, teacher_logits=teacher,
+                                         teacher_topk=teacher_topk, weight=weight,
+                                         normalizer=normalizer, options=opts,
+                                         class_weight=class_weight)
 
     width = shard_width(logits_shard)
-    layout = agree(check, vocab_start, width, vocab_size, group)
-    opts = _options(options)
-    full = logits_shard.new_zeros(()).expand(logits_shard.shape[:-1] + (vocab_size,))
-    inp = _checks.loss_inputs(full, target,
-                              teacher_logits=None if teacher_logits_shard is None else full,
-                              teacher_topk=teacher_topk, weight=weight, normalizer=normalizer,
-                              options=opts, class_weight=class_weight)
+    layout, (opts, inp) = agree(check, vocab_start, width, vocab_size, group)
     rows = inp.target.shape[0]
     inp = dataclasses.replace(
         inp, logits=logits_shard.reshape(rows, width),

@@ -13,13 +13,16 @@ partial sums, and each rank's autograd yields exactly the gradient of its own sh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .. import _checks
 from ..columns import Columns
+
+
+T = TypeVar("T")
 
 
 class ShardError(ValueError):
@@ -54,17 +57,18 @@ def _check_layout(starts: List[int], widths: List[int], vocab_size: int) -> Opti
     return None
 
 
-def agree(local_check: Callable[[], None], start: int, width: int, vocab_size: int,
-          group: Optional[dist.ProcessGroup]) -> ShardLayout:
+def agree(local_check: Callable[[], T], start: int, width: int, vocab_size: int,
+          group: Optional[dist.ProcessGroup]) -> Tuple[ShardLayout, T]:
     """Runs this rank's validation, then ONE small collective (every rank's start, width and
     error) before any collective on data: a bad input on any rank raises ``ShardError`` on
-    every rank (no rank is left waiting), with each failing rank's message."""
+    every rank (no rank is left waiting), with each failing rank's message. Returns the layout
+    and what the validation returned (the validated inputs)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocabulary-parallel ops need torch.distributed to be initialised "
                            "(dist.init_process_group)")
-    error = None
+    error, checked = None, None
     try:
-        local_check()
+        checked = local_check()
     except (TypeError, ValueError) as exc:
         error = f"{type(exc).__name__}: {exc}"
     world = dist.get_world_size(group)
@@ -78,7 +82,7 @@ def agree(local_check: Callable[[], None], start: int, width: int, vocab_size: i
             errors = [layout_error]
     if errors:
         raise ShardError("; ".join(errors))
-    return ShardLayout(start, width, vocab_size, dist.get_rank(group), world, group)
+    return ShardLayout(start, width, vocab_size, dist.get_rank(group), world, group), checked
 
 
 def _all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:

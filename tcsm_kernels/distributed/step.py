@@ -40,20 +40,17 @@ def vocab_parallel_ctmc_step(logits_shard: torch.Tensor, x: torch.Tensor,
     holds as ``logits_shard`` (..., shard); x, jump_prob, frozen, seed and offset are the same
     on every rank, ``mask_id`` is a global id. Every rank returns the same result. Bad input on
     any rank raises ``ShardError`` on every rank before any collective on data."""
-    def full_view():
-        return logits_shard.new_zeros(()).expand(logits_shard.shape[:-1] + (vocab_size,))
-
     def validate():
         check_shard("logits_shard", logits_shard, vocab_start, vocab_size)
-        _checks.step_inputs(full_view(), x, jump_prob, mask_id=mask_id, temperature=temperature,
-                            frozen=frozen, seed=seed, offset=offset, backend="reference",
-                            check=check)
+        # validated against the full vocabulary, on a stand-in of its shape
+        full = logits_shard.new_zeros(()).expand(logits_shard.shape[:-1] + (vocab_size,))
+        return _checks.step_inputs(full, x, jump_prob, mask_id=mask_id, temperature=temperature,
+                                   frozen=frozen, seed=seed, offset=offset, backend="reference",
+                                   check=check)
 
     width = shard_width(logits_shard)
-    layout = agree(validate, vocab_start, width, vocab_size, group)
-    _, flat_x, jump, flat_frozen, batch_shape, mask_id = _checks.step_inputs(
-        full_view(), x, jump_prob, mask_id=mask_id, temperature=temperature, frozen=frozen,
-        seed=seed, offset=offset, backend="reference", check=False)
+    layout, validated = agree(validate, vocab_start, width, vocab_size, group)
+    _, flat_x, jump, flat_frozen, batch_shape, mask_id = validated
     n = flat_x.shape[0]
     z = logits_shard.reshape(n, width)
     u_draw, u_jump = philox.row_uniforms(seed, offset, n, device=z.device)

@@ -26,7 +26,8 @@ from torch import nn
 from .. import _backend, _checks, reference
 from ..loss_options import LossOptions, LossOutput
 from .custom_op import custom_op
-from .loss import _row_weights, _run_kernel, kernel_class_weight, kernel_topk, reduced_z_loss
+from .loss import (_row_weights, _run_kernel, kernel_class_weight, kernel_topk, reduced_z_loss,
+                   register_class_weight)
 
 # chunk_rows="auto": the (chunk, V) buffers of one chunk stay below this many bytes.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -345,17 +346,8 @@ class TCSMLinearLoss(nn.Module):
                  out_dtype=None, class_weight=None, backend="auto", check=None,
                  chunk_rows="auto"):
         super().__init__()
-        self.options = LossOptions(divergence=divergence, objective=objective, mask_id=mask_id,
-                                   temperature=temperature, reduction=reduction,
-                                   ignore_index=ignore_index, tail=tail,
-                                   max_log_ratio=max_log_ratio, backend=backend, check=check,
-                                   softcap=softcap, lse_square_scale=lse_square_scale,
-                                   label_smoothing=label_smoothing, return_lse=return_lse,
-                                   out_dtype=out_dtype)
-        if class_weight is not None:
-            _checks.tensor("class_weight", class_weight, _checks.FLOAT_DTYPES)
-            self.options.case("data", class_weighted=True)
-        self.register_buffer("class_weight", class_weight)
+        self.options = LossOptions.from_arguments(locals())
+        register_class_weight(self, class_weight)
         chunk_row_count(chunk_rows, 1, 1, torch.float32, False)  # validate now
         self.chunk_rows = chunk_rows
 

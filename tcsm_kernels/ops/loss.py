@@ -286,6 +286,15 @@ def fused_tcsm_loss(logits: torch.Tensor, target: torch.Tensor, *,
                                  reduced_z_loss(lse, row_weights, options, inp.batch_shape))
 
 
+def register_class_weight(module: nn.Module, class_weight: Optional[torch.Tensor]) -> None:
+    """Validates a loss module's (V,) class weights against its options and keeps them as the
+    buffer ``class_weight`` (None allowed), so that they move with the module."""
+    if class_weight is not None:
+        _checks.tensor("class_weight", class_weight, _checks.FLOAT_DTYPES)
+        module.options.case("data", class_weighted=True)
+    module.register_buffer("class_weight", class_weight)
+
+
 class TCSMLoss(nn.Module):
     """``fused_tcsm_loss`` with its options fixed (and validated) at construction;
     forward(logits, target, ...) takes the per-call tensors (teacher_logits, teacher_topk,
@@ -299,19 +308,8 @@ class TCSMLoss(nn.Module):
                  out_dtype=None, class_weight=None, inplace_backward=False, backend="auto",
                  check=None):
         super().__init__()
-        self.options = LossOptions(divergence=divergence, objective=objective, mask_id=mask_id,
-                                   temperature=temperature, reduction=reduction,
-                                   ignore_index=ignore_index, tail=tail,
-                                   max_log_ratio=max_log_ratio,
-                                   inplace_backward=inplace_backward, backend=backend,
-                                   check=check, softcap=softcap,
-                                   lse_square_scale=lse_square_scale,
-                                   label_smoothing=label_smoothing, return_lse=return_lse,
-                                   out_dtype=out_dtype)
-        if class_weight is not None:
-            _checks.tensor("class_weight", class_weight, _checks.FLOAT_DTYPES)
-            self.options.case("data", class_weighted=True)
-        self.register_buffer("class_weight", class_weight)
+        self.options = LossOptions.from_arguments(locals())
+        register_class_weight(self, class_weight)
 
     def forward(self, logits, target, *, teacher_logits=None, teacher_topk=None, weight=None,
                 normalizer=None):
