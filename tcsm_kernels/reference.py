@@ -57,11 +57,9 @@ def _topk_distrib_losses(cols: Columns, z, lse, idx, counted, log_q, divergence,
     """(N,) top-K distribution losses (math.md 4.5). z (N, V_held) participating columns, idx
     (N, K) remapped columns, counted (N, K) entries that take part, log_q (N, K)
     log-probabilities."""
-    log_q = torch.where(counted, log_q, float("-inf"))
     logp = cols.gather(z, idx) - lse[:, None]
-    if tail == "renormalize":  # q' = q / sum_S q on S, 0 elsewhere
-        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)
-        return _teacher_kl(log_q, logp)
+    if tail == "renormalize":
+        return topk_cell_losses(log_q, counted, logp, None, None, divergence, tail, exp_, cols.v)
     # tail zero: the cells are the K entries and the rest R (the columns outside S).
     in_s = cols.members(idx, counted, z)
     rest_nonempty = cols.any(~in_s)
@@ -71,6 +69,19 @@ def _topk_distrib_losses(cols: Columns, z, lse, idx, counted, log_q, divergence,
     lse_rest = cols.logsumexp(z.masked_fill(in_s & rest_live[:, None], float("-inf")))
     log_p_rest = torch.where(rest_live, lse_rest - lse,
                              torch.where(rest_nonempty, float("-inf"), 0.0))
+    return topk_cell_losses(log_q, counted, logp, log_p_rest, rest_nonempty, divergence, tail,
+                            exp_, cols.v)
+
+
+def topk_cell_losses(log_q, counted, logp, log_p_rest, rest_nonempty, divergence, tail, exp_,
+                     v):
+    """(N,) math.md 4.5 from the cells' log-probabilities: log_q, logp (N, K) of the entries
+    (counted (N, K) those that take part), and for tail zero log p_R and whether R is
+    nonempty (N,); v the participating column count."""
+    log_q = torch.where(counted, log_q, float("-inf"))
+    if tail == "renormalize":  # q' = q / sum_S q on S, 0 elsewhere
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)
+        return _teacher_kl(log_q, logp)
     q_rest = (1 - log_q.exp().sum(1)).clamp(min=0)
     log_q_rest = torch.where(q_rest > 0, q_rest.clamp(min=1e-38).log(), float("-inf"))
     q_rest_counted = rest_nonempty & (q_rest > 0)
@@ -79,7 +90,6 @@ def _topk_distrib_losses(cols: Columns, z, lse, idx, counted, log_q, divergence,
         return kl
     # IS over the cells, / V as the dense one: (1/V) sum_c [r_c - log r_c - 1], r = q_c / p_c;
     # the rest is a cell where the teacher has mass off S (else only the K cells count).
-    v = cols.v
     log_r = log_q - logp
     cells = torch.where(counted, exp_(log_r) - log_r - 1, 0).sum(1)
     log_r_rest = torch.where(q_rest_counted, log_q_rest - log_p_rest, 0)
@@ -122,19 +132,14 @@ def _divergence_rows(inp: _checks.LossInputs, options: LossOptions, cols: Column
         return _clamped_exp(x, options.max_log_ratio)
 
     if inp.kind == "data":  # math.md 4.1
-        kl = lse - z_a
-        is_ = (exp_(lse - z_a) + cols.sum(z) - v * lse) / v
-        rows = {"kl": kl, "is": is_, "gkl": kl + is_}[divergence]
-        class_weight = torch.ones(v, dtype=ct, device=z.device)
+        class_weight = None
         if inp.class_weight is not None:  # F.cross_entropy's weight=: w_a per row
             class_weight = _drop_column(inp.class_weight.to(ct), mask_id)
-            rows = rows * class_weight[a]
-        if options.label_smoothing > 0:
-            # F.cross_entropy(label_smoothing=eps, weight=w):
-            # (1 - eps) w_a (-log p_a) + (eps / V) sum_y w_y (-log p_y)
-            eps = options.label_smoothing
-            rows = (1 - eps) * rows - eps / v * cols.sum(logp * cols.local(class_weight))
-        return rows
+        # sum_y c_y log p_y with c = w where smoothing weighs the columns, else c = 1
+        column = class_weight if options.label_smoothing > 0 else None
+        log_p_sum = cols.sum(logp if column is None else logp * cols.local(column))
+        return data_losses(lse, z_a, log_p_sum, None if class_weight is None else class_weight[a],
+                           v, options)
 
     if inp.kind == "dense":
         u = cols.participating(inp.teacher_logits.to(ct)) / temperature
@@ -160,10 +165,35 @@ def _divergence_rows(inp: _checks.LossInputs, options: LossOptions, cols: Column
         return _topk_distrib_losses(cols, z, lse, remapped, counted, values, divergence,
                                     options.tail, exp_)
     # math.md 4.4: sparse top-K teacher, score objective; entries equal to a are skipped.
-    rho = values
     counted &= idx != inp.target[:, None]
-    log_b = cols.gather(z, remapped) - z_a[:, None]  # log B_y = z_y - z_a
-    if divergence == "is":
+    return topk_score_losses(cols.gather(z, remapped), z_a, lse, values, counted, v, options)
+
+
+def data_losses(lse, z_a, log_p_sum, class_weight_a, v, options: LossOptions):
+    """(N,) math.md 4.1 from the row's statistics: the LSE, the target's logit z_a,
+    log_p_sum = sum_y c_y log p_y (c = the class weights with label smoothing and class weights,
+    else 1) and the class weight of the target (or None)."""
+    kl = lse - z_a
+    is_ = (_clamped_exp(lse - z_a, options.max_log_ratio) + log_p_sum) / v
+    rows = {"kl": kl, "is": is_, "gkl": kl + is_}[options.divergence]
+    if class_weight_a is not None:
+        rows = rows * class_weight_a
+    if options.label_smoothing > 0:
+        # F.cross_entropy(label_smoothing=eps, weight=w):
+        # (1 - eps) w_a (-log p_a) + (eps / V) sum_y w_y (-log p_y)
+        eps = options.label_smoothing
+        rows = (1 - eps) * rows - eps / v * log_p_sum
+    return rows
+
+
+def topk_score_losses(z_s, z_a, lse, rho, counted, v, options: LossOptions):
+    """(N,) math.md 4.4 from the logits z_s (N, K) of the entries, the target's z_a, the LSE,
+    the teacher's log-ratios rho (N, K) and the entries that count (N, K)."""
+    def exp_(x):
+        return _clamped_exp(x, options.max_log_ratio)
+
+    log_b = z_s - z_a[:, None]  # log B_y = z_y - z_a
+    if options.divergence == "is":
         r = rho - log_b
         return torch.where(counted, exp_(r) - r - 1, 0).sum(1) / v
     big_a = exp_(rho)
@@ -238,6 +268,13 @@ def loss_from_inputs(inp: _checks.LossInputs, options: LossOptions, normalizer=N
     if cols is None:
         cols = Columns(inp.logits.shape[1], options.mask_id)
     rows, lse = _row_losses(inp, options, cols)
+    return reduce_row_losses(rows, lse, inp, options, normalizer)
+
+
+def reduce_row_losses(rows: torch.Tensor, lse: torch.Tensor, inp: _checks.LossInputs,
+                      options: LossOptions, normalizer=None):
+    """The loss from unweighted per-row losses and LSEs (N,): the finiteness check, the row
+    weights (ignored and weight-0 rows give 0), the reduction and the returned LSE."""
     active = inp.target != options.ignore_index
     _checks.finite_rows(torch.where(active, rows, 0),
                         (("logits", inp.logits), ("teacher_logits", inp.teacher_logits),

@@ -19,19 +19,10 @@ import torch.nn.functional as F
 
 from .. import _checks, reference
 from ..loss_options import LossOptions, LossOutput
+from ..ops.loss import refuse_inplace_on_leaf
+from .fused import fused_shard_loss, shard_backend
 from .shards import (ShardColumns, agree, check_shard, grad_sum_over_ranks, shard_width,
                      share_of_gradient)
-
-_NOT_HERE = ("inplace_backward", "backend")
-
-
-def _options(options: dict) -> LossOptions:
-    for name in _NOT_HERE:
-        if name in options:
-            raise TypeError(f"{name} is not an option of the vocabulary-parallel loss (its "
-                            "shard pass is PyTorch with autograd)")
-    return LossOptions(**options)
-
 
 def vocab_parallel_tcsm_loss(logits_shard: torch.Tensor, target: torch.Tensor, *,
                              vocab_start: int, vocab_size: int,
@@ -40,7 +31,7 @@ def vocab_parallel_tcsm_loss(logits_shard: torch.Tensor, target: torch.Tensor, *
                              teacher_topk: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                              weight: Optional[torch.Tensor] = None,
                              class_weight: Optional[torch.Tensor] = None, normalizer=None,
-                             **options):
+                             _logits_are_scratch: bool = False, **options):
     """``fused_tcsm_loss`` of the logits whose columns [vocab_start, vocab_start + shard) this
     rank holds as ``logits_shard`` (..., shard); the ranks of ``group`` (default: the world),
     in rank order, hold consecutive shards that tile [0, vocab_size).
@@ -54,7 +45,7 @@ def vocab_parallel_tcsm_loss(logits_shard: torch.Tensor, target: torch.Tensor, *
     raises ``ShardError`` on every rank before any collective on data.
     """
     def check():
-        opts = _options(options)
+        opts = LossOptions(**options)
         check_shard("logits_shard", logits_shard, vocab_start, vocab_size)
         if teacher_logits_shard is not None and (
                 teacher_logits_shard.shape != logits_shard.shape):
@@ -64,18 +55,24 @@ def vocab_parallel_tcsm_loss(logits_shard: torch.Tensor, target: torch.Tensor, *
         # Validate everything else against the full vocabulary, on stand-ins of its shape.
         full = logits_shard.new_zeros(()).expand(logits_shard.shape[:-1] + (vocab_size,))
         teacher = None if teacher_logits_shard is None else full
-        return opts, _checks.loss_inputs(full, target, teacher_logits=teacher,
-                                         teacher_topk=teacher_topk, weight=weight,
-                                         normalizer=normalizer, options=opts,
-                                         class_weight=class_weight)
+        inp = _checks.loss_inputs(full, target, teacher_logits=teacher,
+                                  teacher_topk=teacher_topk, weight=weight,
+                                  normalizer=normalizer, options=opts, class_weight=class_weight)
+        backend = shard_backend(opts, inp.kind, logits_shard)
+        if backend != "reference" and not _logits_are_scratch:
+            refuse_inplace_on_leaf(logits_shard, opts)
+        return opts, inp, backend
 
     width = shard_width(logits_shard)
-    layout, (opts, inp) = agree(check, vocab_start, width, vocab_size, group)
+    layout, (opts, inp, backend) = agree(check, vocab_start, width, vocab_size, group)
     rows = inp.target.shape[0]
     inp = dataclasses.replace(
         inp, logits=logits_shard.reshape(rows, width),
         teacher_logits=None if teacher_logits_shard is None
         else teacher_logits_shard.detach().reshape(rows, width))
+    if backend != "reference":
+        inplace = opts.inplace_backward or _logits_are_scratch
+        return fused_shard_loss(inp.logits, inp, opts, layout, backend, normalizer, inplace)
     out = reference.loss_from_inputs(inp, opts, normalizer, ShardColumns(layout, opts.mask_id))
     if isinstance(out, LossOutput):
         return out._replace(loss=share_of_gradient(out.loss, layout))
@@ -107,4 +104,5 @@ def vocab_parallel_linear_tcsm_loss(hidden: torch.Tensor, weight_shard: torch.Te
         agree(check, vocab_start, 0, vocab_size, group)
     logits_shard = F.linear(grad_sum_over_ranks(hidden, group), weight_shard, bias_shard)
     return vocab_parallel_tcsm_loss(logits_shard, target, vocab_start=vocab_start,
-                                    vocab_size=vocab_size, group=group, **kwargs)
+                                    vocab_size=vocab_size, group=group,
+                                    _logits_are_scratch=True, **kwargs)

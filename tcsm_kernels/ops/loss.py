@@ -190,7 +190,7 @@ def fused_rows(inp: _checks.LossInputs, options: LossOptions, backend: str,
     return rows, lse, row_weights
 
 
-def _refuse_inplace_on_leaf(logits: torch.Tensor, options: LossOptions) -> None:
+def refuse_inplace_on_leaf(logits: torch.Tensor, options: LossOptions) -> None:
     if options.inplace_backward and logits.is_leaf and logits.requires_grad:
         raise RuntimeError("inplace_backward=True would overwrite logits, a leaf tensor that "
                            "requires grad (as torch refuses in-place ops on such leaves); pass "
@@ -274,7 +274,7 @@ def fused_tcsm_loss(logits: torch.Tensor, target: torch.Tensor, *,
     chosen = _backend.resolve(backend, logits.device, logits.dtype)
     if chosen == "reference":
         return reference.loss_from_inputs(inp, options, normalizer)
-    _refuse_inplace_on_leaf(logits, options)
+    refuse_inplace_on_leaf(logits, options)
     rows, lse, row_weights = fused_rows(inp, options, chosen, normalizer)
     _checks.finite_rows(rows, (("logits", inp.logits), ("teacher_logits", inp.teacher_logits),
                                ("teacher_topk values", inp.topk_values)),

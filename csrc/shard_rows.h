@@ -1,0 +1,48 @@
+// Row passes of the vocabulary-parallel loss (tcsm_kernels/distributed/fused.py): each rank
+// holds columns [start, start + W) of every row. shard_row_stats reduces its shard of a row to
+// a few partial statistics that the ranks merge with one collective; shard_row_grad then
+// writes the shard's gradient from the merged row scalars, alpha p_k + beta c_k.
+#pragma once
+#include <cstdint>
+
+#include "storage.h"
+
+namespace tcsm {
+
+// Number of statistics per row.
+constexpr int64_t kShardStats = 5;
+
+struct ShardRows {
+  StorageDtype storage;  // of logits, teacher_logits and grad; arithmetic is float32
+  int64_t rows;
+  int64_t cols;           // W, the shard's width
+  const void* logits;     // (rows, cols), unit column stride
+  int64_t logits_row_stride;
+  const void* teacher;    // dense teacher logits like logits, or null
+  int64_t teacher_row_stride;
+  const float* column_weight;  // (cols,) c of the linear statistic (no teacher), or null: c = 1
+  const int64_t* excluded;     // (rows, topk) local column ids out of the "rest", -1: none
+  int64_t topk;
+  int64_t mask_col;       // the shard's column that is the mask column, or -1
+  float temperature;      // divides the teacher logits
+  float softcap;          // > 0: the statistics see z = softcap tanh(x / softcap)
+  int threads;            // OpenMP threads over rows; 0: the OpenMP default
+};
+
+// out (rows, kShardStats) float32, over the shard's participating columns (mask_col left out),
+// with m = max z and the shift s = m (0 where m = -inf):
+//   no teacher: [m, sum exp(z - s), sum c (z - s), m_rest, sum_rest exp(z - s_rest)], "rest"
+//               the columns not in the row's excluded ids, s_rest = m_rest (0 at -inf);
+//   teacher u = teacher / temperature, m_u, s_u likewise:
+//               [m, sum exp(z - s), m_u, sum exp(u - s_u), sum exp(u - s_u) (u - z)], a term
+//               with exp(u - s_u) = 0 counting 0.
+void shard_row_stats(const ShardRows& rows, float* out);
+
+// grad[n, k] = (alpha_n p_k + beta_n c_k) dz_k / dx_k with p_k = exp(z_k - lse_n) and c_k the
+// column weight (1 without) or, with a teacher, q_k = exp(u_k - teacher_lse_n); 0 at mask_col.
+// grad may be the logits themselves (each column is read before it is written).
+void shard_row_grad(const ShardRows& rows, const float* lse, const float* alpha,
+                    const float* beta, const float* teacher_lse, void* grad,
+                    int64_t grad_row_stride);
+
+}  // namespace tcsm

@@ -1,0 +1,132 @@
+// torch bindings of shard_rows.h as tcsm::shard_row_stats_cpu and tcsm::shard_row_grad_cpu
+// (fake kernels and callers: tcsm_kernels/distributed/fused.py). Checks what the kernels rely on
+// for memory safety and hands them raw pointers.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "shard_rows.h"
+#include "storage_op.h"
+
+namespace {
+
+at::Tensor as_rows(const at::Tensor& t) {
+  return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
+}
+
+struct Held {  // tensors whose pointers the problem holds
+  at::Tensor logits, teacher, column_weight, excluded;
+};
+
+tcsm::ShardRows problem_of(const at::Tensor& logits, const std::optional<at::Tensor>& teacher,
+                           const std::optional<at::Tensor>& column_weight,
+                           const std::optional<at::Tensor>& excluded, int64_t mask_col,
+                           double temperature, double softcap, const char* op, Held& held) {
+  TORCH_CHECK(logits.dim() == 2 && logits.device().is_cpu(), op, ": logits must be (N, W) on CPU");
+  tcsm::ShardRows p{};
+  p.storage = tcsm::storage_dtype(logits, op, "logits");
+  p.rows = logits.size(0);
+  p.cols = logits.size(1);
+  held.logits = as_rows(logits);
+  p.logits = held.logits.data_ptr();
+  p.logits_row_stride = held.logits.stride(0);
+  if (teacher.has_value()) {
+    TORCH_CHECK(teacher->sizes() == logits.sizes() && teacher->scalar_type() == logits.scalar_type()
+                    && teacher->device().is_cpu(),
+                op, ": teacher_logits must have the shape, dtype and device of logits");
+    held.teacher = as_rows(*teacher);
+    p.teacher = held.teacher.data_ptr();
+    p.teacher_row_stride = held.teacher.stride(0);
+  }
+  if (column_weight.has_value()) {
+    TORCH_CHECK(!teacher.has_value(), op, ": column_weight is for the no-teacher statistics");
+    TORCH_CHECK(column_weight->dim() == 1 && column_weight->size(0) == p.cols &&
+                    column_weight->scalar_type() == at::kFloat && column_weight->device().is_cpu(),
+                op, ": column_weight must be (W,) float32 on CPU");
+    held.column_weight = column_weight->contiguous();
+    p.column_weight = held.column_weight.data_ptr<float>();
+  }
+  if (excluded.has_value()) {
+    TORCH_CHECK(excluded->dim() == 2 && excluded->size(0) == p.rows &&
+                    excluded->scalar_type() == at::kLong && excluded->device().is_cpu(),
+                op, ": excluded must be (N, K) int64 on CPU");
+    held.excluded = excluded->contiguous();
+    p.excluded = held.excluded.data_ptr<int64_t>();
+    p.topk = held.excluded.size(1);
+  }
+  TORCH_CHECK(mask_col >= -1 && mask_col < std::max<int64_t>(p.cols, 1), op, ": mask_col ",
+              mask_col, " outside [-1, W)");
+  p.mask_col = mask_col;
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op, ": temperature must be > 0");
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be >= 0 (0: off)");
+  p.temperature = static_cast<float>(temperature);
+  p.softcap = static_cast<float>(softcap);
+  p.threads = at::get_num_threads();
+  return p;
+}
+
+at::Tensor shard_row_stats_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& teacher,
+                               const std::optional<at::Tensor>& column_weight,
+                               const std::optional<at::Tensor>& excluded, int64_t mask_col,
+                               double temperature, double softcap) {
+  Held held;
+  const tcsm::ShardRows p = problem_of(logits, teacher, column_weight, excluded, mask_col,
+                                       temperature, softcap, "shard_row_stats_cpu", held);
+  at::Tensor out = at::empty({p.rows, tcsm::kShardStats}, logits.options().dtype(at::kFloat));
+  if (p.rows > 0) tcsm::shard_row_stats(p, out.data_ptr<float>());
+  return out;
+}
+
+const float* row_vector(const at::Tensor& t, int64_t rows, const char* name, at::Tensor& held) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows && t.scalar_type() == at::kFloat &&
+                  t.device().is_cpu(),
+              "shard_row_grad_cpu: ", name, " must be (N,) float32 on CPU");
+  held = t.contiguous();
+  return held.data_ptr<float>();
+}
+
+void shard_row_grad_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& teacher,
+                        const std::optional<at::Tensor>& column_weight, const at::Tensor& lse,
+                        const at::Tensor& alpha, const at::Tensor& beta,
+                        const std::optional<at::Tensor>& teacher_lse, at::Tensor& grad,
+                        int64_t mask_col, double temperature, double softcap) {
+  Held held;
+  const tcsm::ShardRows p = problem_of(logits, teacher, column_weight, std::nullopt, mask_col,
+                                       temperature, softcap, "shard_row_grad_cpu", held);
+  TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() &&
+                  grad.device().is_cpu() && (grad.size(1) <= 1 || grad.stride(1) == 1),
+              "shard_row_grad_cpu: grad must have the shape and dtype of logits, unit column "
+              "stride");
+  TORCH_CHECK(teacher.has_value() == teacher_lse.has_value(),
+              "shard_row_grad_cpu: teacher_lse goes with teacher_logits");
+  at::Tensor h_lse, h_alpha, h_beta, h_teacher_lse;
+  const float* lse_p = row_vector(lse, p.rows, "lse", h_lse);
+  const float* alpha_p = row_vector(alpha, p.rows, "alpha", h_alpha);
+  const float* beta_p = row_vector(beta, p.rows, "beta", h_beta);
+  const float* teacher_lse_p =
+      teacher_lse.has_value() ? row_vector(*teacher_lse, p.rows, "teacher_lse", h_teacher_lse)
+                              : nullptr;
+  if (p.rows > 0 && p.cols > 0) {
+    tcsm::shard_row_grad(p, lse_p, alpha_p, beta_p, teacher_lse_p, grad.data_ptr(),
+                         grad.stride(0));
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tcsm, m) {
+  m.def(
+      "shard_row_stats_cpu(Tensor logits, Tensor? teacher_logits, Tensor? column_weight, "
+      "Tensor? excluded, int mask_col, float temperature, float softcap) -> Tensor");
+  m.def(
+      "shard_row_grad_cpu(Tensor logits, Tensor? teacher_logits, Tensor? column_weight, "
+      "Tensor lse, Tensor alpha, Tensor beta, Tensor? teacher_lse, Tensor(a!) grad, "
+      "int mask_col, float temperature, float softcap) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(tcsm, CPU, m) {
+  m.impl("shard_row_stats_cpu", &shard_row_stats_cpu);
+  m.impl("shard_row_grad_cpu", &shard_row_grad_cpu);
+}
