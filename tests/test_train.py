@@ -15,6 +15,7 @@ import torch
 from tcsm_kernels.train import checkpoint
 from tcsm_kernels.train.cli import main
 from tcsm_kernels.train.data import TokenCorpus, Vocabulary, entropies, prepare_corpus
+from tcsm_kernels.train.distributed import vocab_shard
 from tcsm_kernels.train.evaluate import position_nelbo
 from tcsm_kernels.train.loss_speed import format_table, loss_table
 from tcsm_kernels.train.progress import read_metrics
@@ -102,20 +103,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_matches_one_process(tmp_path):
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    assert train(single, "--steps", "3") == 0
+def train_two_processes(out, *extra):
+    """`tcsm train` on 2 gloo CPU processes (torchrun) with the TINY options."""
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-           "-m", "tcsm_kernels", "train", "--out", str(ddp), *TINY, "--steps", "3",
-           "--device", "cpu"]
+           "-m", "tcsm_kernels", "train", "--out", str(out), *TINY, *extra, "--device", "cpu"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert train(single, "--steps", "3") == 0
+    train_two_processes(ddp, "--steps", "3")
     assert np.allclose(losses(single), losses(ddp), rtol=1e-5)
     a = checkpoint.load(single / "checkpoints" / "last.pt")["model"]
     b = checkpoint.load(ddp / "checkpoints" / "last.pt")["model"]
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_vocab_parallel_head_matches_the_unsplit_run(tmp_path):
+    """The head split over 2 ranks (256 bytes + the mask token: uneven shards of 129 and 128
+    rows, the mask column on rank 1), every rank on the whole batch, with accumulation and
+    per-row weights: the losses and final weights of the one-process run."""
+    options = ["--vocab", "byte", "--time-weight", "elbo", "--steps", "3", "--grad-accum", "2"]
+    single, split = tmp_path / "single", tmp_path / "split"
+    assert train(single, *options) == 0
+    train_two_processes(split, *options, "--vocab-parallel")
+    assert json.loads((split / "config.json").read_text())["vocab_parallel"] is True
+    assert np.allclose(losses(single), losses(split), rtol=1e-4)
+    a = checkpoint.load(single / "checkpoints" / "last.pt")["model"]
+    b = checkpoint.load(split / "checkpoints" / "last.pt")["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
+    assert train(tmp_path / "one", *options, "--vocab-parallel") == 0  # one process: full head
+    assert losses(tmp_path / "one") == losses(single)
+
+
+def test_vocab_shards_tile_the_vocabulary():
+    assert [vocab_shard(10, r, 4) for r in range(4)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert [vocab_shard(257, r, 2) for r in range(2)] == [(0, 129), (129, 257)]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -123,6 +151,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     (["--data", "/nonexistent/text.txt"], "no such file"),
     (["--batch-size", "6", "--grad-accum", "4"], "divisible"),
     (["--d-model", "30", "--n-heads", "4"], "divisible"),
+    (["--vocab-parallel", "--no-fused-head"], "--vocab-parallel needs --fused-head"),
 ])
 def test_bad_options_fail_cleanly(tmp_path, capsys, argv, message):
     out = tmp_path / "run"

@@ -1,14 +1,15 @@
 """Data parallelism with torch.distributed, set up from torchrun's environment variables.
 
 ``torchrun --nproc_per_node=N -m tcsm_kernels train ...`` starts N processes; each reads its
-share of every global batch and DDP averages the gradients (gloo on CPU, nccl on GPU). Without
-torchrun (WORLD_SIZE unset) everything here is a no-op on one process.
+share of every global batch and DDP averages the gradients (gloo on CPU, nccl on GPU). With
+``--vocab-parallel`` each rank instead reads the whole batch and holds a ``vocab_shard`` of the
+LM head. Without torchrun (WORLD_SIZE unset) everything here is a no-op on one process.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -69,3 +70,26 @@ def share_error(world: World, message: Optional[str]) -> Optional[str]:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+def vocab_shard(vocab_size: int, rank: int, size: int) -> Tuple[int, int]:
+    """Rows [start, end) of a vocabulary of ``vocab_size`` that rank ``rank`` of ``size`` holds:
+    contiguous in rank order, ``vocab_size // size`` rows each and one more for the first
+    ``vocab_size % size`` ranks."""
+    base, extra = divmod(vocab_size, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def gather_vocab_shards(world: World, shard: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Every rank's ``vocab_shard`` rows (end - start, ...), concatenated in rank order into
+    (vocab_size, ...). gloo's all_gather needs equal shapes: the shards are padded to the
+    largest and trimmed."""
+    if not world.distributed:
+        return shard
+    bounds = [vocab_shard(vocab_size, r, world.size) for r in range(world.size)]
+    padded = shard.new_zeros((max(end - start for start, end in bounds),) + shard.shape[1:])
+    padded[:len(shard)] = shard
+    parts = [torch.empty_like(padded) for _ in bounds]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:end - start] for part, (start, end) in zip(parts, bounds)])

@@ -49,6 +49,9 @@ CONFIG_OPTIONS = [
     ("fused_head", argparse.BooleanOptionalAction, None,
      "loss from the hidden states and the tied head, no (N, V) logits (--no-fused-head: "
      "logits, then fused_tcsm_loss)"),
+    ("vocab_parallel", argparse.BooleanOptionalAction, None,
+     "split the LM head over the vocabulary across all ranks (tensor parallel; needs "
+     "--fused-head); every rank sees the whole batch"),
 ]
 
 

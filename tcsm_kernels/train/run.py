@@ -75,6 +75,10 @@ class TrainConfig:
     # The loss straight from the hidden states and the tied head (fused_linear_tcsm_loss): the
     # (N, V) logits and their gradient are never materialised.
     fused_head: bool = True
+    # The LM head split over the vocabulary across all ranks (tensor parallel, on the hidden
+    # states of --fused-head): every rank reads the whole batch; with one process it is simply
+    # the full head.
+    vocab_parallel: bool = False
 
     def validate(self, world_size: int = 1, new_run: bool = True) -> None:
         """ConfigError naming the first bad option (a new run also needs its data file)."""
@@ -107,9 +111,14 @@ class TrainConfig:
                               f"{self.n_heads}")
         if new_run and self.data is not None and not Path(self.data).is_file():
             raise ConfigError(f"--data {self.data!r}: no such file")
-        if self.batch_size % (world_size * self.grad_accum):
-            raise ConfigError(f"--batch-size {self.batch_size} must be divisible by "
-                              f"world size x --grad-accum = {world_size * self.grad_accum}")
+        if self.vocab_parallel and not self.fused_head:
+            raise ConfigError("--vocab-parallel needs --fused-head: the split head takes the "
+                              "hidden states, not the logits")
+        divisor, name = ((self.grad_accum, "--grad-accum") if self.vocab_parallel  # whole batch
+                         else (world_size * self.grad_accum, "world size x --grad-accum"))
+        if self.batch_size % divisor:
+            raise ConfigError(f"--batch-size {self.batch_size} must be divisible by {name} = "
+                              f"{divisor}")
 
     @property
     def masked(self) -> bool:

@@ -3,7 +3,9 @@ default; subclasses swap the model or the step), run directories, sessions and r
 
 Each step's global batch comes from ``batches.make_batch`` (keyed by seed and step). Every
 micro-batch loss is divided by the global normalizer (/ W, since DDP averages gradients over
-ranks), so the summed gradient equals that of the whole global batch at once.
+ranks), so the summed gradient equals that of the whole global batch at once. With
+``vocab_parallel`` every rank reads the whole batch (no / W, no DDP) and holds a shard of the
+LM head (``Trainer.head_shard``).
 """
 from __future__ import annotations
 
@@ -17,11 +19,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Type
+from typing import Dict, Optional, Tuple, Type
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..distributed import vocab_parallel_linear_tcsm_loss
 from ..ops.linear_loss import fused_linear_tcsm_loss
 from ..ops.loss import fused_tcsm_loss
 from . import checkpoint, distributed
@@ -221,6 +224,36 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.pending.append((self.step, loss, lr, self.elapsed()))
 
+    @property
+    def data_world(self) -> distributed.World:
+        """The ranks that split each global batch: all of them (DDP), or with ``vocab_parallel``
+        a one-rank view (every rank reads the whole batch)."""
+        if self.config.vocab_parallel:
+            return distributed.World(0, 1, self.world.device)
+        return self.world
+
+    def head_shard(self) -> Tuple[torch.Tensor, int]:
+        """This rank's rows [start, end) of the tied head (``distributed.vocab_shard``) as a
+        leaf of their own, and start: the ``vocab_parallel`` head.
+
+        The reference loop replicates the body and the tied table on every rank and splits only
+        the head: each rank forms its shard's logits and their gradient (never the (N, V)
+        ones), and the loss sums the hidden states' gradient over the ranks, so the body gets
+        the same gradient on every rank without DDP. ``add_head_gradient`` gathers the shards'
+        gradients into the tied table, O(V D) per step like DDP's all-reduce would be; a model
+        with a vocabulary-parallel embedding would keep its shard and skip that gather.
+        """
+        weight = self.model.token_embedding.weight
+        start, end = distributed.vocab_shard(len(weight), self.world.rank, self.world.size)
+        return weight.detach()[start:end].requires_grad_(), start
+
+    def add_head_gradient(self, shard: torch.Tensor) -> None:
+        """Add every rank's accumulated head-shard gradient, gathered into (V, D), to the tied
+        table's gradient (the embedding lookup's part): every rank then holds the gradient of
+        the unsplit run."""
+        weight = self.model.token_embedding.weight
+        weight.grad.add_(distributed.gather_vocab_shards(self.world, shard.grad, len(weight)))
+
     def step_on_loss(self, loss: torch.Tensor) -> None:
         """One-process optimizer step on a whole-batch ``loss``: backward, then
         ``apply_gradients``."""
@@ -230,15 +263,17 @@ class Trainer:
     def train_step(self, ddp) -> None:
         """One optimizer step on the global batch of ``self.step + 1``."""
         self.step += 1
-        config, device = self.config, self.world.device
-        batch = make_batch(config, self.corpus, self.process, self.step, self.world,
-                           self.pool)
-        micro = config.batch_size // (self.world.size * config.grad_accum)
+        config, device, data_world = self.config, self.world.device, self.data_world
+        batch = make_batch(config, self.corpus, self.process, self.step, data_world, self.pool)
+        micro = config.batch_size // (data_world.size * config.grad_accum)
+        # The vocabulary-parallel ops need a process group: one process keeps the full head.
+        split_head = config.vocab_parallel and self.world.distributed
+        head_shard, vocab_start = self.head_shard() if split_head else (None, 0)
         total = torch.zeros((), device=device)
         for m in range(config.grad_accum):
             rows = slice(m * micro, (m + 1) * micro)
             last_micro = m == config.grad_accum - 1
-            sync = (ddp.no_sync() if self.world.distributed and not last_micro
+            sync = (ddp.no_sync() if data_world.distributed and not last_micro
                     else contextlib.nullcontext())
             cast = (torch.autocast(device.type, dtype=self.cast) if self.cast
                     else contextlib.nullcontext())
@@ -250,7 +285,12 @@ class Trainer:
                 target = batch.target[rows].to(device)
                 options = dict(divergence=config.divergence, mask_id=self.mask_id,
                                normalizer=batch.normalizer)
-                if config.fused_head:  # out: hidden states (b, L, D) of the tied head
+                if head_shard is not None:  # out: hidden states (b, L, D), same on every rank
+                    loss = vocab_parallel_linear_tcsm_loss(
+                        out, head_shard.to(out.dtype), target, vocab_start=vocab_start,
+                        vocab_size=len(self.model.token_embedding.weight), weight=weight,
+                        **options)
+                elif config.fused_head:  # out: hidden states (b, L, D) of the tied head
                     head = self.model.token_embedding.weight
                     loss = fused_linear_tcsm_loss(out, head.to(out.dtype), target,
                                                   weight_rows=weight, **options)
@@ -258,6 +298,8 @@ class Trainer:
                     loss = fused_tcsm_loss(out, target, weight=weight, **options)
                 loss.backward()
             total += loss.detach()
+        if head_shard is not None:
+            self.add_head_gradient(head_shard)
         self.apply_gradients(total)
 
     def tokens_per_second(self) -> float:
@@ -310,7 +352,7 @@ class Trainer:
         """Train up to ``steps`` (or the session's stop); returns a summary."""
         config, session = self.config, self.session
         ddp = self.model
-        if self.world.distributed:
+        if self.data_world.distributed:
             ddp = DistributedDataParallel(self.model, device_ids=[self.world.device.index]
                                           if self.world.device.type == "cuda" else None)
         last_step = min(config.steps, session.stop_after or config.steps)
