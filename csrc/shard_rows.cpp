@@ -158,6 +158,15 @@ void teacher_stats(const ShardRows& p, const float* z, const float* u, float* ou
   out[4] = static_cast<float>(cross);
 }
 
+// The row's excluded columns (local ids in [0, cols)) marked 0 in in_rest (all 1 between rows).
+TCSM_INLINE void mark_excluded(const ShardRows& p, int64_t n, float* in_rest, float value) {
+  if (p.excluded == nullptr) return;
+  const int64_t* excluded = p.excluded + n * p.topk;
+  for (int64_t j = 0; j < p.topk; ++j) {
+    if (excluded[j] >= 0 && excluded[j] < p.cols) in_rest[excluded[j]] = value;
+  }
+}
+
 template <class Format>
 void stats_rows(const ShardRows& p, float* out) {
 #pragma omp parallel num_threads(p.threads > 0 ? p.threads : omp_get_max_threads())
@@ -171,35 +180,31 @@ void stats_rows(const ShardRows& p, float* out) {
         teacher_stats(p, z, teacher_row<Format>(p, n, scratch), row_out);
         continue;
       }
-      const int64_t* excluded = p.excluded == nullptr ? nullptr : p.excluded + n * p.topk;
       float* in_rest = scratch.in_rest.data();
-      for (int64_t j = 0; excluded != nullptr && j < p.topk; ++j) {
-        if (excluded[j] >= 0 && excluded[j] < p.cols) in_rest[excluded[j]] = 0.f;
-      }
       const float* c = p.column_weight != nullptr ? p.column_weight : scratch.ones.data();
-      if (excluded != nullptr) {
+      if (p.excluded != nullptr) {
+        mark_excluded(p, n, in_rest, 0.f);
         student_stats<true>(p, z, c, in_rest, row_out);
+        mark_excluded(p, n, in_rest, 1.f);
       } else {
         student_stats<false>(p, z, c, in_rest, row_out);
-      }
-      for (int64_t j = 0; excluded != nullptr && j < p.topk; ++j) {
-        if (excluded[j] >= 0 && excluded[j] < p.cols) in_rest[excluded[j]] = 1.f;
       }
     }
   }
 }
 
 template <class Format>
-void grad_rows(const ShardRows& p, const float* lse, const float* alpha, const float* beta,
-               const float* teacher_lse, void* grad_out, int64_t grad_row_stride) {
+void grad_rows(const ShardRows& p, const RowCoefficients& coef, void* grad_out,
+               int64_t grad_row_stride) {
 #pragma omp parallel num_threads(p.threads > 0 ? p.threads : omp_get_max_threads())
   {
     Scratch scratch(p.cols);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < p.rows; ++n) {
       auto* grad = static_cast<typename Format::Storage*>(grad_out) + n * grad_row_stride;
-      const float a = alpha[n], b = beta[n];
-      if (a == 0.f && b == 0.f) {  // a row without loss
+      const float a = coef.alpha[n], b = coef.beta[n];
+      const float r = coef.gamma == nullptr ? 0.f : coef.gamma[n];
+      if (a == 0.f && b == 0.f && r == 0.f) {  // a row without loss
 #pragma omp simd
         for (int64_t k = 0; k < p.cols; ++k) grad[k] = Format::narrow(0.f);
         continue;
@@ -211,17 +216,31 @@ void grad_rows(const ShardRows& p, const float* lse, const float* alpha, const f
       float q_shift = 0.f;
       if (p.teacher != nullptr) {
         c = teacher_row<Format>(p, n, scratch);  // the exponent of q_k
-        q_shift = teacher_lse[n];
+        q_shift = coef.teacher_lse[n];
       }
       const bool teacher = p.teacher != nullptr;
-      const float shift = lse[n];
-      // grad = alpha p + beta c (c = q with a teacher), times dz/dx under the softcap
+      const float shift = coef.lse[n];
+      if (r != 0.f) {
+        // + gamma exp(z - LSE_R) on the rest's columns
+        float* in_rest = scratch.in_rest.data();
+        mark_excluded(p, n, in_rest, 0.f);
+        const float rest_shift = coef.rest_lse[n];
 #pragma omp simd
-      for (int64_t k = 0; k < p.cols; ++k) {
-        const float pk = fast_exp(z[k] - shift);
-        const float ck = teacher ? fast_exp(c[k] - q_shift) : c[k];
-        const float g = a * pk + b * ck;
-        grad[k] = Format::narrow(capped ? g * slope[k] : g);
+        for (int64_t k = 0; k < p.cols; ++k) {
+          const float g = a * fast_exp(z[k] - shift) + b * c[k] +
+                          r * in_rest[k] * fast_exp(z[k] - rest_shift);
+          grad[k] = Format::narrow(capped ? g * slope[k] : g);
+        }
+        mark_excluded(p, n, in_rest, 1.f);
+      } else {
+        // grad = alpha p + beta c (c = q with a teacher), times dz/dx under the softcap
+#pragma omp simd
+        for (int64_t k = 0; k < p.cols; ++k) {
+          const float pk = fast_exp(z[k] - shift);
+          const float ck = teacher ? fast_exp(c[k] - q_shift) : c[k];
+          const float g = a * pk + b * ck;
+          grad[k] = Format::narrow(capped ? g * slope[k] : g);
+        }
       }
       if (p.mask_col >= 0) grad[p.mask_col] = Format::narrow(0.f);
     }
@@ -234,11 +253,10 @@ void shard_row_stats(const ShardRows& rows, float* out) {
   with_storage(rows.storage, [&]<class Format>() { stats_rows<Format>(rows, out); });
 }
 
-void shard_row_grad(const ShardRows& rows, const float* lse, const float* alpha,
-                    const float* beta, const float* teacher_lse, void* grad,
+void shard_row_grad(const ShardRows& rows, const RowCoefficients& coefficients, void* grad,
                     int64_t grad_row_stride) {
   with_storage(rows.storage, [&]<class Format>() {
-    grad_rows<Format>(rows, lse, alpha, beta, teacher_lse, grad, grad_row_stride);
+    grad_rows<Format>(rows, coefficients, grad, grad_row_stride);
   });
 }
 

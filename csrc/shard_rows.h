@@ -38,11 +38,21 @@ struct ShardRows {
 //               with exp(u - s_u) = 0 counting 0.
 void shard_row_stats(const ShardRows& rows, float* out);
 
-// grad[n, k] = (alpha_n p_k + beta_n c_k) dz_k / dx_k with p_k = exp(z_k - lse_n) and c_k the
-// column weight (1 without) or, with a teacher, q_k = exp(u_k - teacher_lse_n); 0 at mask_col.
-// grad may be the logits themselves (each column is read before it is written).
-void shard_row_grad(const ShardRows& rows, const float* lse, const float* alpha,
-                    const float* beta, const float* teacher_lse, void* grad,
+// Per-row coefficients of the gradient, each (rows,) float32.
+struct RowCoefficients {
+  const float* lse;          // the row's merged LSE: p_k = exp(z_k - lse)
+  const float* alpha;
+  const float* beta;
+  const float* teacher_lse;  // with a teacher: q_k = exp(u_k - teacher_lse), else null
+  const float* gamma;        // null, or the coefficient of exp(z_k - rest_lse) off the
+  const float* rest_lse;     //   excluded ids (the top-K rest's LSE), 0 where gamma is 0
+};
+
+// grad[n, k] = (alpha p_k + beta c_k + gamma [k in rest] exp(z_k - rest_lse)) dz_k / dx_k, with
+// c_k the column weight (1 without) or, with a teacher, q_k; 0 at mask_col and on rows whose
+// coefficients are all 0. grad may be the logits themselves (each column is read before it is
+// written).
+void shard_row_grad(const ShardRows& rows, const RowCoefficients& coefficients, void* grad,
                     int64_t grad_row_stride);
 
 }  // namespace tcsm

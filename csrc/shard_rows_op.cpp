@@ -88,12 +88,15 @@ const float* row_vector(const at::Tensor& t, int64_t rows, const char* name, at:
 }
 
 void shard_row_grad_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& teacher,
-                        const std::optional<at::Tensor>& column_weight, const at::Tensor& lse,
+                        const std::optional<at::Tensor>& column_weight,
+                        const std::optional<at::Tensor>& excluded, const at::Tensor& lse,
                         const at::Tensor& alpha, const at::Tensor& beta,
-                        const std::optional<at::Tensor>& teacher_lse, at::Tensor& grad,
+                        const std::optional<at::Tensor>& teacher_lse,
+                        const std::optional<at::Tensor>& gamma,
+                        const std::optional<at::Tensor>& rest_lse, at::Tensor& grad,
                         int64_t mask_col, double temperature, double softcap) {
   Held held;
-  const tcsm::ShardRows p = problem_of(logits, teacher, column_weight, std::nullopt, mask_col,
+  const tcsm::ShardRows p = problem_of(logits, teacher, column_weight, excluded, mask_col,
                                        temperature, softcap, "shard_row_grad_cpu", held);
   TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() &&
                   grad.device().is_cpu() && (grad.size(1) <= 1 || grad.stride(1) == 1),
@@ -101,17 +104,21 @@ void shard_row_grad_cpu(const at::Tensor& logits, const std::optional<at::Tensor
               "stride");
   TORCH_CHECK(teacher.has_value() == teacher_lse.has_value(),
               "shard_row_grad_cpu: teacher_lse goes with teacher_logits");
-  at::Tensor h_lse, h_alpha, h_beta, h_teacher_lse;
-  const float* lse_p = row_vector(lse, p.rows, "lse", h_lse);
-  const float* alpha_p = row_vector(alpha, p.rows, "alpha", h_alpha);
-  const float* beta_p = row_vector(beta, p.rows, "beta", h_beta);
-  const float* teacher_lse_p =
-      teacher_lse.has_value() ? row_vector(*teacher_lse, p.rows, "teacher_lse", h_teacher_lse)
-                              : nullptr;
-  if (p.rows > 0 && p.cols > 0) {
-    tcsm::shard_row_grad(p, lse_p, alpha_p, beta_p, teacher_lse_p, grad.data_ptr(),
-                         grad.stride(0));
+  TORCH_CHECK(gamma.has_value() == rest_lse.has_value() && gamma.has_value() == excluded.has_value(),
+              "shard_row_grad_cpu: gamma, rest_lse and excluded go together");
+  at::Tensor h_lse, h_alpha, h_beta, h_teacher_lse, h_gamma, h_rest_lse;
+  tcsm::RowCoefficients coef{};
+  coef.lse = row_vector(lse, p.rows, "lse", h_lse);
+  coef.alpha = row_vector(alpha, p.rows, "alpha", h_alpha);
+  coef.beta = row_vector(beta, p.rows, "beta", h_beta);
+  if (teacher_lse.has_value()) {
+    coef.teacher_lse = row_vector(*teacher_lse, p.rows, "teacher_lse", h_teacher_lse);
   }
+  if (gamma.has_value()) {
+    coef.gamma = row_vector(*gamma, p.rows, "gamma", h_gamma);
+    coef.rest_lse = row_vector(*rest_lse, p.rows, "rest_lse", h_rest_lse);
+  }
+  if (p.rows > 0 && p.cols > 0) tcsm::shard_row_grad(p, coef, grad.data_ptr(), grad.stride(0));
 }
 
 }  // namespace
@@ -122,8 +129,9 @@ TORCH_LIBRARY_FRAGMENT(tcsm, m) {
       "Tensor? excluded, int mask_col, float temperature, float softcap) -> Tensor");
   m.def(
       "shard_row_grad_cpu(Tensor logits, Tensor? teacher_logits, Tensor? column_weight, "
-      "Tensor lse, Tensor alpha, Tensor beta, Tensor? teacher_lse, Tensor(a!) grad, "
-      "int mask_col, float temperature, float softcap) -> ()");
+      "Tensor? excluded, Tensor lse, Tensor alpha, Tensor beta, Tensor? teacher_lse, "
+      "Tensor? gamma, Tensor? rest_lse, Tensor(a!) grad, int mask_col, float temperature, "
+      "float softcap) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tcsm, CPU, m) {

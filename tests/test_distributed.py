@@ -10,11 +10,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tcsm_kernels import fused_tcsm_loss, reference
+from tcsm_kernels import _backend, fused_linear_tcsm_loss, fused_tcsm_loss, reference
+from tcsm_kernels.distributed.fused import fused_case
+from tcsm_kernels.loss_options import LossOptions
 from tcsm_kernels.distributed import (ShardError, vocab_parallel_ctmc_step,
                                       vocab_parallel_linear_tcsm_loss, vocab_parallel_tcsm_loss)
 from tcsm_kernels.ops.step_output import StepOutput
 
+from .conftest import backends_for
 from .test_loss_options import build, option_sets
 from .test_reference import CONFIGS
 
@@ -70,6 +73,94 @@ def _loss_checks(rank, widths, masks):
                     torch.testing.assert_close(zs.grad, _shard(zf.grad, start, width),
                                                rtol=1e-9, atol=1e-12,
                                                msg=lambda m: f"{where} grad: {m}")
+
+
+def _single_process_backend():
+    return "cpp" if _backend.cpp_available() else "reference"
+
+
+def _fused_loss_checks(rank, widths, masks):
+    """The fused shard pass (each backend forced) against the single-process fused loss, in
+    float32: every config the kernels cover with every option set (C++; under the Triton
+    interpreter one mask and two option sets), and the refusal of the others."""
+    start, width = sum(widths[:rank]), widths[rank]
+    for backend in backends_for("cpu"):
+        sweep = backend == "cpp"
+        for config in CONFIGS:
+            sets = list(option_sets(config).items())
+            sets = [("plain", {})] + (sets if sweep else sets[-1:])
+            config_kw = {k: v for k, v in config.items() if k != "teacher"}
+            kind = {"dense": "dense", None: "data"}.get(config.get("teacher"), "topk")
+            if not fused_case(kind, LossOptions(**config_kw)):
+                z = torch.randn(3, VOCAB)
+                teacher = torch.randn(3, VOCAB)
+                with pytest.raises(ShardError, match="no fused shard pass"):
+                    vocab_parallel_tcsm_loss(
+                        _shard(z, start, width), torch.zeros(3, dtype=torch.long),
+                        vocab_start=start, vocab_size=VOCAB, backend=backend,
+                        teacher_logits_shard=_shard(teacher, start, width), **config_kw)
+                continue
+            for mask_id in masks if sweep else masks[-1:]:
+                for name, opts in sets:
+                    for reduction in ("mean", "none") if sweep else ("none",):
+                        z, target, kw = build(config, opts, n=9, v=VOCAB, k=4,
+                                              seed=mask_id or 0, mask_id=mask_id)
+                        kw["reduction"] = reduction
+                        teacher = kw.pop("teacher_logits", None)
+                        zf = z.clone().requires_grad_()
+                        want = fused_tcsm_loss(zf, target, teacher_logits=teacher,
+                                               backend=_single_process_backend(), **kw)
+                        zs = _shard(z, start, width).clone().requires_grad_()
+                        got = vocab_parallel_tcsm_loss(
+                            zs, target, vocab_start=start, vocab_size=VOCAB, backend=backend,
+                            teacher_logits_shard=None if teacher is None
+                            else _shard(teacher, start, width), **kw)
+                        pair = (got, want) if not isinstance(got, tuple) else (got.loss, want.loss)
+                        pair[1].sum().backward()
+                        pair[0].sum().backward()
+                        where = f"{backend} {config} {name} mask={mask_id} {reduction} rank={rank}"
+                        torch.testing.assert_close(pair[0], pair[1], rtol=2e-5, atol=2e-5,
+                                                   msg=lambda m: f"{where}: {m}")
+                        if isinstance(got, tuple):
+                            torch.testing.assert_close(got.lse, want.lse, msg=where)
+                            torch.testing.assert_close(got.z_loss, want.z_loss, msg=where)
+                        torch.testing.assert_close(zs.grad, _shard(zf.grad, start, width),
+                                                   rtol=1e-4, atol=2e-6,
+                                                   msg=lambda m: f"{where} grad: {m}")
+
+
+def _fused_linear_and_bf16_checks(rank, widths):
+    """The column-split head through the fused shard pass (its logits overwritten by their
+    gradient) against fused_linear_tcsm_loss; bfloat16 logits against the single-process op."""
+    start, width = sum(widths[:rank]), widths[rank]
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(12, 6, generator=g)
+    head = torch.randn(VOCAB, 6, generator=g)
+    target = torch.randint(0, VOCAB, (12,), generator=g)
+    target[target == 4] = 5
+    kw = dict(divergence="gkl", mask_id=4, lse_square_scale=0.01)
+    h1, w1 = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+    fused_linear_tcsm_loss(h1, w1, target, **kw).backward()
+    want = fused_linear_tcsm_loss(hidden, head, target, **kw)
+    h2 = hidden.clone().requires_grad_()
+    w2 = head[start:start + width].clone().requires_grad_()
+    got = vocab_parallel_linear_tcsm_loss(h2, w2, target, vocab_start=start, vocab_size=VOCAB,
+                                          **kw)
+    got.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w2.grad, w1.grad[start:start + width], rtol=1e-4, atol=1e-5)
+
+    z = (3 * torch.randn(10, VOCAB, generator=g)).bfloat16()
+    target = torch.randint(0, VOCAB, (10,), generator=g)
+    zf = z.clone().requires_grad_()
+    fused_tcsm_loss(zf, target, divergence="is", backend=_single_process_backend()).backward()
+    zs = _shard(z, start, width).clone().requires_grad_()
+    vocab_parallel_tcsm_loss(zs, target, vocab_start=start, vocab_size=VOCAB,
+                             divergence="is").backward()
+    assert zs.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(zs.grad.float(), _shard(zf.grad, start, width).float(),
+                               rtol=2e-2, atol=1e-3)
 
 
 def _linear_check(rank, widths):
@@ -149,6 +240,8 @@ def _worker(rank, world, port):
         widths, masks = LAYOUTS[world]
         _bad_input_checks(rank, widths)
         _loss_checks(rank, widths, masks)
+        _fused_loss_checks(rank, widths, masks)
+        _fused_linear_and_bf16_checks(rank, widths)
         _linear_check(rank, widths)
         _step_checks(rank, widths, masks)
     finally:

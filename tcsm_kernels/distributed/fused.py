@@ -12,8 +12,10 @@ at a few ids (the data target, the dense teacher's distrib kl, every top-K case)
 4. evaluates the row formulas (``reference.data_losses`` etc.) on the merged (N,) / (N, K)
    statistics with autograd, giving d loss_i / d statistic;
 5. writes its shard's gradient with a second kernel by the chain rule through the statistics,
-       d loss / d z_k = alpha p_k + beta c_k  (+ the ids' gradients, scattered),
+       d loss / d z_k = alpha p_k + beta c_k + gamma [k off S] exp(z_k - LSE_R)
+                        (+ the ids' gradients, scattered),
    alpha = dL/dLSE - C dL/dD, beta = dL/dD (c = 1 or w), or beta = -dL/dcross (c = q),
+   gamma = dL/dLSE_R (D = sum_y c_y (z_y - LSE), C = sum_y c_y, LSE_R the rest's LSE),
    and keeps it for backward (no (N, W) temporary beyond the gradient itself).
 
 Every rank ends with the same row losses; backward gives each rank its shard's gradient with no
@@ -74,16 +76,16 @@ def _row_stats(backend, logits, teacher, column, excluded, mask_col, options):
                                 options.temperature, softcap)
 
 
-def _row_grad(backend, logits, teacher, column, lse, alpha, beta, teacher_lse, out, mask_col,
+def _row_grad(backend, logits, teacher, column, excluded, coefficients, out, mask_col,
               options):
+    """coefficients: lse, alpha, beta, teacher_lse, gamma, rest_lse (N,) float32 or None."""
     softcap = options.softcap or 0.0
     if backend == "cpp":
-        torch.ops.tcsm.shard_row_grad_cpu(logits, teacher, column, lse, alpha, beta,
-                                          teacher_lse, out, mask_col, options.temperature,
-                                          softcap)
+        torch.ops.tcsm.shard_row_grad_cpu(logits, teacher, column, excluded, *coefficients, out,
+                                          mask_col, options.temperature, softcap)
         return
     from ..triton import shard_rows
-    shard_rows.row_grad(logits, teacher, column, lse, alpha, beta, teacher_lse, out, mask_col,
+    shard_rows.row_grad(logits, teacher, column, excluded, *coefficients, out, mask_col,
                         options.temperature, softcap)
 
 
@@ -97,32 +99,10 @@ def _merged_lse(max_, sums):
     return top + torch.log(scaled.sum(0)), shift, top
 
 
-class _RestLSE(torch.autograd.Function):
-    """log sum_{k off S} exp(z_k), its value from the merged statistics; its gradient through
-    the row LSE and the entries: d/dLSE = exp(LSE - LSE_R) (the dense p_k coefficient, which
-    also touches S) and d/dz_s = -exp(z_s - LSE_R) on the counted entries (taking S back)."""
-
-    @staticmethod
-    def forward(ctx, lse, z_s, counted, lse_rest):
-        ctx.save_for_backward(lse, z_s, counted, lse_rest)
-        return lse_rest.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        lse, z_s, counted, lse_rest = ctx.saved_tensors
-        live = torch.isfinite(lse_rest)
-        rest = torch.where(live, lse_rest, torch.zeros_like(lse_rest))
-        g = torch.where(live, grad, torch.zeros_like(grad))
-        grad_lse = g * torch.exp(torch.where(live, lse - rest, torch.zeros_like(lse)))
-        grad_s = torch.where(counted & live[:, None], -g[:, None] * torch.exp(z_s - rest[:, None]),
-                             torch.zeros_like(z_s))
-        return grad_lse, grad_s, None, None
-
-
 def _row_losses(inp: _checks.LossInputs, options: LossOptions, v: int, stats: dict,
                 x_ids: torch.Tensor, ids: torch.Tensor):
     """(N,) unweighted row losses (z-loss included) from the merged statistics, in a graph
-    whose leaves are stats['lse'], stats['linear'], stats['cross'] and x_ids."""
+    whose leaves are the statistics (lse, linear, cross, rest_lse: those present) and x_ids."""
     z_ids = x_ids if options.softcap is None else options.softcap * torch.tanh(
         x_ids / options.softcap)
     z_a, lse = z_ids[:, 0], stats["lse"]
@@ -150,8 +130,8 @@ def _row_losses(inp: _checks.LossInputs, options: LossOptions, v: int, stats: di
             log_p_rest = rest_nonempty = None
             if options.tail == "zero":
                 rest_nonempty = counted.sum(1) < v
-                lse_rest = _RestLSE.apply(lse, z_s, counted, stats["rest_lse"])
-                log_p_rest = torch.where(torch.isfinite(stats["rest_lse"]), lse_rest - lse,
+                lse_rest = stats["rest_lse"]
+                log_p_rest = torch.where(torch.isfinite(lse_rest), lse_rest - lse,
                                          torch.where(rest_nonempty, float("-inf"), 0.0))
             rows = reference.topk_cell_losses(values, counted, logp, log_p_rest, rest_nonempty,
                                               options.divergence, options.tail, exp_, v)
@@ -232,7 +212,7 @@ class _ShardRowLoss(torch.autograd.Function):
         v = cols.v
         with torch.enable_grad():
             leaves = {k: merged[k].detach().requires_grad_()
-                      for k in ("lse", "linear", "cross") if k in merged}
+                      for k in ("lse", "linear", "cross", "rest_lse") if k in merged}
             x_leaf = x_ids.detach().requires_grad_()
             stats_in = dict(merged, **leaves)
             row_loss = _row_losses(inp, options, v, stats_in, x_leaf, ids)
@@ -246,18 +226,24 @@ class _ShardRowLoss(torch.autograd.Function):
         g_ids = grads[-1] if grads[-1] is not None else torch.zeros_like(x_ids)
         g_ids = torch.where(live[:, None] & owned, g_ids, torch.zeros_like(g_ids))
 
-        # 5. the shard's gradient: alpha p + beta c, then the ids' gradients scattered
+        # 5. the shard's gradient: alpha p + beta c (+ gamma exp(z - LSE_R) on the rest's
+        # columns: d LSE_R / dz_k), then the ids' gradients scattered
         if teacher is None:
             alpha = g["lse"] - c_total * g.get("linear", zero)
             beta = g.get("linear", zero)
         else:
             alpha, beta = g["lse"], -g["cross"]
+        gamma = rest_lse = None
+        if tail_rest:
+            live_rest = torch.isfinite(merged["rest_lse"])
+            gamma = torch.where(live_rest, g["rest_lse"], zero).float()
+            rest_lse = torch.where(live_rest, merged["rest_lse"], zero).float()
+        teacher_lse = None if teacher is None else merged["teacher_lse"].float()
+        coefficients = (lse.float(), alpha.float(), beta.float(), teacher_lse, gamma, rest_lse)
         grad = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
         if width:
-            _row_grad(backend, x, teacher, column, lse.float(), alpha.float().contiguous(),
-                      beta.float().contiguous(),
-                      None if teacher is None else merged["teacher_lse"].float(), grad,
-                      mask_col, options)
+            _row_grad(backend, x, teacher, column, excluded, coefficients, grad, mask_col,
+                      options)
             grad.scatter_add_(1, local_ids, g_ids.to(grad.dtype))
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(lse)

@@ -90,10 +90,11 @@ def _row_stats_kernel(x_ptr, stride_x, t_ptr, stride_t, c_ptr, ex_ptr, stride_ex
 
 
 @triton.jit
-def _row_grad_kernel(x_ptr, stride_x, t_ptr, stride_t, c_ptr, lse_ptr, alpha_ptr, beta_ptr,
-                     tlse_ptr, g_ptr, stride_g, n_cols, mask_col, temperature, softcap,
+def _row_grad_kernel(x_ptr, stride_x, t_ptr, stride_t, c_ptr, ex_ptr, stride_ex, lse_ptr,
+                     alpha_ptr, beta_ptr, tlse_ptr, gamma_ptr, rlse_ptr, g_ptr, stride_g,
+                     n_cols, n_ex, mask_col, temperature, softcap,
                      SOFTCAP: tl.constexpr, TEACHER: tl.constexpr, WEIGHTED: tl.constexpr,
-                     BLOCK_V: tl.constexpr):
+                     REST: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     g_row = g_ptr + row * stride_g
@@ -103,13 +104,23 @@ def _row_grad_kernel(x_ptr, stride_x, t_ptr, stride_t, c_ptr, lse_ptr, alpha_ptr
     t_lse = 0.0
     if TEACHER:
         t_lse = tl.load(tlse_ptr + row)
+    gamma = 0.0
+    rest_lse = 0.0
+    excluded = tl.full([BLOCK_K], -1, tl.int64)
+    if REST:
+        gamma = tl.load(gamma_ptr + row)
+        rest_lse = tl.load(rlse_ptr + row)
+        k = tl.arange(0, BLOCK_K)
+        excluded = tl.load(ex_ptr + row * stride_ex + k, mask=k < n_ex, other=-1)
+    # a row without loss (all coefficients 0) gets zeros, whatever its LSE (-inf if banned)
+    carries = (alpha != 0.0) | (beta != 0.0) | (gamma != 0.0)
     offs = tl.arange(0, BLOCK_V)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + offs
         inside = cols < n_cols
         ok = inside & (cols != mask_col)
         z, slope = _load_logits(x_row + cols, ok, float("-inf"), softcap, SOFTCAP)
-        # grad = alpha p + beta c, c = q (teacher), the column weight or 1
+        # grad = alpha p + beta c (+ gamma exp(z - LSE_R) off S), c = q, the weight or 1
         if TEACHER:
             u = tl.load(t_ptr + row * stride_t + cols, mask=ok,
                         other=float("-inf")).to(tl.float32) / temperature
@@ -119,7 +130,10 @@ def _row_grad_kernel(x_ptr, stride_x, t_ptr, stride_t, c_ptr, lse_ptr, alpha_ptr
         else:
             c = tl.full([BLOCK_V], 1.0, tl.float32)
         g = alpha * tl.exp(z - lse) + beta * c
+        if REST:
+            g += tl.where(_off_s(cols, excluded), gamma * tl.exp(z - rest_lse), 0.0)
         g = tl.where(ok, _chain(g, slope, SOFTCAP), 0.0)
+        g = tl.where(carries, g, 0.0)
         tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=inside)
 
 
@@ -154,20 +168,27 @@ def row_stats(logits: torch.Tensor, teacher: Optional[torch.Tensor],
 
 
 def row_grad(logits: torch.Tensor, teacher: Optional[torch.Tensor],
-             column: Optional[torch.Tensor], lse: torch.Tensor, alpha: torch.Tensor,
-             beta: torch.Tensor, teacher_lse: Optional[torch.Tensor], out: torch.Tensor,
-             mask_col: int, temperature: float, softcap: float) -> None:
-    """out (N, W) = (alpha p + beta c) dz/dx per row (csrc/shard_rows.h); out may be logits."""
+             column: Optional[torch.Tensor], excluded: Optional[torch.Tensor],
+             lse: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+             teacher_lse: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
+             rest_lse: Optional[torch.Tensor], out: torch.Tensor, mask_col: int,
+             temperature: float, softcap: float) -> None:
+    """out (N, W) = the shard's gradient (csrc/shard_rows.h); out may be logits."""
     x, teacher = _rows(logits), _rows(teacher)
     n, w = x.shape
     if n == 0 or w == 0:
         return
     block_v, warps = _block_config(w, x.device)
+    n_ex = 0 if excluded is None else excluded.shape[1]
+    ex = excluded.contiguous() if excluded is not None else x.new_zeros(1, dtype=torch.int64)
     with _device_guard(x.device):
         _row_grad_kernel[(n,)](
             x, x.stride(0), teacher if teacher is not None else x,
             teacher.stride(0) if teacher is not None else 0,
-            column if column is not None else lse, lse, alpha, beta,
-            teacher_lse if teacher_lse is not None else lse, out, out.stride(0), w, mask_col,
-            temperature, softcap, SOFTCAP=softcap > 0, TEACHER=teacher is not None,
-            WEIGHTED=column is not None, BLOCK_V=block_v, num_warps=warps)
+            column if column is not None else lse, ex, ex.stride(0) if n_ex else 0, lse,
+            alpha, beta, teacher_lse if teacher_lse is not None else lse,
+            gamma if gamma is not None else lse, rest_lse if rest_lse is not None else lse,
+            out, out.stride(0), w, n_ex, mask_col, temperature, softcap,
+            SOFTCAP=softcap > 0, TEACHER=teacher is not None, WEIGHTED=column is not None,
+            REST=excluded is not None, BLOCK_V=block_v,
+            BLOCK_K=max(2, triton.next_power_of_2(max(n_ex, 1))), num_warps=warps)
