@@ -1,6 +1,7 @@
 """Vocabulary-parallel loss over P gloo processes on one machine: time per call (forward +
 backward) and bytes each rank sends through collectives, against gathering the logits shards
-and running the single-process fused loss on the full (N, V) logits.
+and running the single-process fused loss on the full (N, V) logits. The default (the fused
+shard pass) runs beside backend="reference" (the reference formulas on the shard, labelled).
 
     python benchmarks/bench_vocab_parallel.py [--rows 4096] [--vocab 128256] [--procs 2]
 
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tcsm_kernels import fused_tcsm_loss
+from tcsm_kernels import fused_tcsm_loss, release_buffer_cache
 from tcsm_kernels.distributed import vocab_parallel_tcsm_loss
 
 SENT = {"bytes": 0}
@@ -61,10 +62,14 @@ def _worker(rank, procs, port, rows, vocab, repeats, divergence, out):
     shard = torch.randn(rows, width, generator=g)
     target = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(0))
 
-    def parallel():
-        z = shard.clone().requires_grad_()
-        vocab_parallel_tcsm_loss(z, target, vocab_start=start, vocab_size=vocab,
-                                 divergence=divergence).backward()
+    leaf = shard.clone().requires_grad_()
+
+    def parallel(**options):
+        def step():
+            leaf.grad = None
+            vocab_parallel_tcsm_loss(leaf, target, vocab_start=start, vocab_size=vocab,
+                                     divergence=divergence, **options).backward()
+        return step
 
     def gathered():
         # all_gather needs equal shapes: shards padded to the widest, trimmed after
@@ -77,10 +82,14 @@ def _worker(rank, procs, port, rows, vocab, repeats, divergence, out):
         full.grad[:, start:start + width].contiguous()  # this rank's shard gradient
 
     result = {}
-    for name, step in (("vocab_parallel_tcsm_loss", parallel),
+    for name, step in (("vocab_parallel_tcsm_loss (default: fused shard pass)", parallel()),
+                       ("vocab_parallel_tcsm_loss, backend='reference'",
+                        parallel(backend="reference")),
                        ("all_gather + fused_tcsm_loss", gathered)):
         seconds, sent = _timed(step, repeats)
         result[name] = dict(seconds=seconds, bytes_sent=sent)
+        leaf.grad = None  # free this method's memory before the next one
+        release_buffer_cache()
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)

@@ -8,6 +8,7 @@
 #include "shard_rows.h"
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -88,7 +89,7 @@ TCSM_INLINE float range_max(const float* x, int64_t begin, int64_t end, float ru
 // Student statistics: [m, sum exp(z - s), sum c (z - s), m_rest, sum_rest exp(z - s_rest)],
 // the rest's sum shifted by its own max (a rest far below the row max does not underflow);
 // without exclusions (kRest false) the rest is the whole row.
-template <bool kRest>
+template <bool kRest, bool kWeighted>
 void student_stats(const ShardRows& p, const float* z, const float* c, const float* in_rest,
                    float* out) {
   float m = -kInf, m_rest = -kInf;
@@ -111,7 +112,7 @@ void student_stats(const ShardRows& p, const float* z, const float* c, const flo
 #pragma omp simd reduction(+ : bs, bl, br)
       for (int64_t k = b; k < e; ++k) {
         bs += fast_exp(z[k] - shift);
-        bl += c[k] * (z[k] - shift);
+        bl += kWeighted ? c[k] * (z[k] - shift) : z[k] - shift;
         if constexpr (kRest) br += in_rest[k] * fast_exp(z[k] - shift_rest);
       }
       sum += bs;
@@ -181,14 +182,49 @@ void stats_rows(const ShardRows& p, float* out) {
         continue;
       }
       float* in_rest = scratch.in_rest.data();
-      const float* c = p.column_weight != nullptr ? p.column_weight : scratch.ones.data();
+      const float* c = p.column_weight;
       if (p.excluded != nullptr) {
         mark_excluded(p, n, in_rest, 0.f);
-        student_stats<true>(p, z, c, in_rest, row_out);
+        if (c != nullptr) {
+          student_stats<true, true>(p, z, c, in_rest, row_out);
+        } else {
+          student_stats<true, false>(p, z, c, in_rest, row_out);
+        }
         mark_excluded(p, n, in_rest, 1.f);
+      } else if (c != nullptr) {
+        student_stats<false, true>(p, z, c, in_rest, row_out);
       } else {
-        student_stats<false>(p, z, c, in_rest, row_out);
+        student_stats<false, false>(p, z, c, in_rest, row_out);
       }
+    }
+  }
+}
+
+enum GradTerms { kPlain, kWithTeacher, kWithRest };
+
+// One row's gradient: (alpha p + beta c (+ gamma [rest] exp(z - LSE_R))) times slope (dz/dx,
+// null: 1), c = exp(u - LSE_u) with the teacher row u (kWithTeacher), else the column weights.
+// Everything the loop reads is a parameter or local: GCC does not vectorise loads through the
+// problem struct.
+template <class Format, GradTerms kTerms>
+void write_grad(const float* z, const float* c, const float* slope, const float* in_rest,
+                typename Format::Storage* grad, int64_t cols, float lse, float alpha, float beta,
+                float teacher_lse, float gamma, float rest_lse) {
+  if (slope == nullptr) {
+#pragma omp simd
+    for (int64_t k = 0; k < cols; ++k) {
+      const float ck = kTerms == kWithTeacher ? fast_exp(c[k] - teacher_lse) : c[k];
+      float g = alpha * fast_exp(z[k] - lse) + beta * ck;
+      if constexpr (kTerms == kWithRest) g += gamma * in_rest[k] * fast_exp(z[k] - rest_lse);
+      grad[k] = Format::narrow(g);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < cols; ++k) {
+      const float ck = kTerms == kWithTeacher ? fast_exp(c[k] - teacher_lse) : c[k];
+      float g = alpha * fast_exp(z[k] - lse) + beta * ck;
+      if constexpr (kTerms == kWithRest) g += gamma * in_rest[k] * fast_exp(z[k] - rest_lse);
+      grad[k] = Format::narrow(g * slope[k]);
     }
   }
 }
@@ -204,42 +240,27 @@ void grad_rows(const ShardRows& p, const RowCoefficients& coef, void* grad_out,
       auto* grad = static_cast<typename Format::Storage*>(grad_out) + n * grad_row_stride;
       const float a = coef.alpha[n], b = coef.beta[n];
       const float r = coef.gamma == nullptr ? 0.f : coef.gamma[n];
-      if (a == 0.f && b == 0.f && r == 0.f) {  // a row without loss
-#pragma omp simd
-        for (int64_t k = 0; k < p.cols; ++k) grad[k] = Format::narrow(0.f);
+      if (a == 0.f && b == 0.f && r == 0.f) {  // a row without loss: +0 is all zero bits
+        std::memset(grad, 0, sizeof(*grad) * static_cast<size_t>(p.cols));
         continue;
       }
-      const bool capped = p.softcap != 0.f;
       const float* z = student_row<Format>(p, n, scratch, true);
-      const float* slope = scratch.slope.data();
-      const float* c = p.column_weight != nullptr ? p.column_weight : scratch.ones.data();
-      float q_shift = 0.f;
+      const float* slope = p.softcap != 0.f ? scratch.slope.data() : nullptr;
       if (p.teacher != nullptr) {
-        c = teacher_row<Format>(p, n, scratch);  // the exponent of q_k
-        q_shift = coef.teacher_lse[n];
-      }
-      const bool teacher = p.teacher != nullptr;
-      const float shift = coef.lse[n];
-      if (r != 0.f) {
-        // + gamma exp(z - LSE_R) on the rest's columns
-        float* in_rest = scratch.in_rest.data();
-        mark_excluded(p, n, in_rest, 0.f);
-        const float rest_shift = coef.rest_lse[n];
-#pragma omp simd
-        for (int64_t k = 0; k < p.cols; ++k) {
-          const float g = a * fast_exp(z[k] - shift) + b * c[k] +
-                          r * in_rest[k] * fast_exp(z[k] - rest_shift);
-          grad[k] = Format::narrow(capped ? g * slope[k] : g);
-        }
-        mark_excluded(p, n, in_rest, 1.f);
+        const float* u = teacher_row<Format>(p, n, scratch);
+        write_grad<Format, kWithTeacher>(z, u, slope, nullptr, grad, p.cols, coef.lse[n], a, b,
+                                         coef.teacher_lse[n], 0.f, 0.f);
       } else {
-        // grad = alpha p + beta c (c = q with a teacher), times dz/dx under the softcap
-#pragma omp simd
-        for (int64_t k = 0; k < p.cols; ++k) {
-          const float pk = fast_exp(z[k] - shift);
-          const float ck = teacher ? fast_exp(c[k] - q_shift) : c[k];
-          const float g = a * pk + b * ck;
-          grad[k] = Format::narrow(capped ? g * slope[k] : g);
+        const float* c = p.column_weight != nullptr ? p.column_weight : scratch.ones.data();
+        if (r != 0.f) {
+          float* in_rest = scratch.in_rest.data();
+          mark_excluded(p, n, in_rest, 0.f);
+          write_grad<Format, kWithRest>(z, c, slope, in_rest, grad, p.cols, coef.lse[n], a, b,
+                                        0.f, r, coef.rest_lse[n]);
+          mark_excluded(p, n, in_rest, 1.f);
+        } else {
+          write_grad<Format, kPlain>(z, c, slope, nullptr, grad, p.cols, coef.lse[n], a, b, 0.f,
+                                     0.f, 0.f);
         }
       }
       if (p.mask_col >= 0) grad[p.mask_col] = Format::narrow(0.f);

@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
-KERNELS = ["tcsm_loss.cpp", "ctmc_step.cpp", "topk_scores.cpp"]
+KERNELS = ["tcsm_loss.cpp", "ctmc_step.cpp", "topk_scores.cpp", "shard_rows.cpp"]
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from .. import _backend, _checks, reference
 from ..loss_options import LossOptions
+from ..ops.loss import gradient_buffer, scale_kept_gradient
 from .shards import ShardColumns, ShardLayout
 
 _STATS = 5  # per row and rank, as the kernels write them (csrc/shard_rows.h)
@@ -240,7 +241,7 @@ class _ShardRowLoss(torch.autograd.Function):
             rest_lse = torch.where(live_rest, merged["rest_lse"], zero).float()
         teacher_lse = None if teacher is None else merged["teacher_lse"].float()
         coefficients = (lse.float(), alpha.float(), beta.float(), teacher_lse, gamma, rest_lse)
-        grad = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
+        grad = x if inplace else gradient_buffer(x)
         if width:
             _row_grad(backend, x, teacher, column, excluded, coefficients, grad, mask_col,
                       options)
@@ -252,9 +253,7 @@ class _ShardRowLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows, grad_lse):
         (grad,) = ctx.saved_tensors
-        # scaled in place (the buffer is ours; no second backward through the same graph)
-        grad.mul_(grad_rows[:, None].to(grad.dtype))
-        return grad, None, None, None, None, None
+        return scale_kept_gradient(grad, grad_rows), None, None, None, None, None
 
 
 def fused_shard_loss(logits: torch.Tensor, inp: _checks.LossInputs, options: LossOptions,

@@ -86,7 +86,7 @@ if _backend.cpp_available():
         return torch.empty(size, dtype=dtype)
 
 
-def _gradient_buffer(logits: torch.Tensor) -> torch.Tensor:
+def gradient_buffer(logits: torch.Tensor) -> torch.Tensor:
     """(N, V) buffer for the kernel's gradient. On CPU it is backed by transparent huge pages
     and comes from a cache of freed buffers: first-touch page faults and zeroing of a fresh
     buffer cost up to several times the kernel itself (csrc/hugepage_buffer_op.cpp)."""
@@ -102,6 +102,18 @@ def release_buffer_cache() -> None:
         torch.ops.tcsm.release_buffer_cache()
 
 
+def scale_kept_gradient(grad: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
+    """d total / d z = sum_i grad_rows_i * d loss_i / d z from the kept per-row gradients
+    (N, V): scaled in place, in float32 before rounding (the buffer is the loss's; a second
+    backward through the same graph is not supported). On CPU a unit upstream gradient (the
+    common loss.backward()) is seen without a device sync and skips the pass over (N, V)."""
+    unit = (grad_rows.device.type == "cpu" and not torch.compiler.is_compiling()
+            and bool((grad_rows == 1).all()))
+    if not unit:
+        grad.mul_(grad_rows[:, None])
+    return grad
+
+
 class _FusedTCSMLoss(torch.autograd.Function):
     """Row losses (N,) from logits (N, V) and the row LSEs (constant); backward = kept gradient
     * per-row upstream grad."""
@@ -114,7 +126,7 @@ class _FusedTCSMLoss(torch.autograd.Function):
             rows, lse = _loss_rows_inplace(logits, *tensors, *op_args)
             grad = logits
         else:
-            grad = _gradient_buffer(logits)
+            grad = gradient_buffer(logits)
             rows, lse = _loss_rows(logits, *tensors, grad, *op_args)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(lse)
@@ -123,15 +135,7 @@ class _FusedTCSMLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows, grad_lse):
         (grad,) = ctx.saved_tensors
-        # d total / d z = sum_i grad_rows_i * d loss_i / d z: scale the kept rows in place, in
-        # float32 before rounding (the buffer is ours; a second backward through the same graph
-        # is not supported). On CPU a unit upstream gradient (the common loss.backward()) is
-        # seen without a device sync and skips the pass over (N, V).
-        unit = (grad_rows.device.type == "cpu" and not torch.compiler.is_compiling()
-                and bool((grad_rows == 1).all()))
-        if not unit:
-            grad.mul_(grad_rows[:, None])
-        return grad, None, None, None, None, None, None, None, None
+        return scale_kept_gradient(grad, grad_rows), None, None, None, None, None, None, None, None
 
 
 def _row_weights(inp: _checks.LossInputs, options: LossOptions, normalizer) -> Optional[torch.Tensor]:
