@@ -125,9 +125,11 @@ void student_stats(const ShardRows& p, const float* z, const float* c, const flo
   out[2] = static_cast<float>(linear);
   out[3] = kRest ? m_rest : m;
   out[4] = static_cast<float>(kRest ? rest : sum);
+  out[5] = 0.f;
 }
 
-// With a dense teacher: [m, sum exp(z - s), m_u, sum exp(u - s_u), sum exp(u - s_u) (u - z)].
+// With a dense teacher: [m, sum exp(z - s), m_u, sum exp(u - s_u), sum exp(u - s_u) (u - z),
+// sum (u - z)].
 void teacher_stats(const ShardRows& p, const float* z, const float* u, float* out) {
   float m = -kInf, m_u = -kInf;
   for_each_range(p, [&](int64_t begin, int64_t end) {
@@ -135,21 +137,23 @@ void teacher_stats(const ShardRows& p, const float* z, const float* u, float* ou
     m_u = range_max(u, begin, end, m_u);
   });
   const float shift = exp_shift(m), shift_u = exp_shift(m_u);
-  double sum = 0.0, sum_u = 0.0, cross = 0.0;
+  double sum = 0.0, sum_u = 0.0, cross = 0.0, gap = 0.0;
   for_each_range(p, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b += kBlock) {
       const int64_t e = b + kBlock < end ? b + kBlock : end;
-      float bs = 0.f, bu = 0.f, bc = 0.f;
-#pragma omp simd reduction(+ : bs, bu, bc)
+      float bs = 0.f, bu = 0.f, bc = 0.f, bg = 0.f;
+#pragma omp simd reduction(+ : bs, bu, bc, bg)
       for (int64_t k = b; k < e; ++k) {
         bs += fast_exp(z[k] - shift);
         const float eu = fast_exp(u[k] - shift_u);
         bu += eu;
         bc += eu > 0.f ? eu * (u[k] - z[k]) : 0.f;  // 0 log 0 = 0 where q_k = 0
+        bg += u[k] - z[k];
       }
       sum += bs;
       sum_u += bu;
       cross += bc;
+      gap += bg;
     }
   });
   out[0] = m;
@@ -157,6 +161,26 @@ void teacher_stats(const ShardRows& p, const float* z, const float* u, float* ou
   out[2] = m_u;
   out[3] = static_cast<float>(sum_u);
   out[4] = static_cast<float>(cross);
+  out[5] = static_cast<float>(gap);
+}
+
+// sum_k exp(min(u_k - z_k - delta, M)), float32 blocks, double total.
+float ratio_sum(const ShardRows& p, const float* z, const float* u, float delta) {
+  const float limit = p.max_log_ratio;
+  double total = 0.0;
+  for_each_range(p, [&, z, u](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; b += kBlock) {
+      const int64_t e = b + kBlock < end ? b + kBlock : end;
+      float block = 0.f;
+#pragma omp simd reduction(+ : block)
+      for (int64_t k = b; k < e; ++k) {
+        const float r = (u[k] - z[k]) - delta;
+        block += fast_exp(r < limit ? r : limit);
+      }
+      total += block;
+    }
+  });
+  return static_cast<float>(total);
 }
 
 // The row's excluded columns (local ids in [0, cols)) marked 0 in in_rest (all 1 between rows).
@@ -200,31 +224,55 @@ void stats_rows(const ShardRows& p, float* out) {
   }
 }
 
-enum GradTerms { kPlain, kWithTeacher, kWithRest };
+template <class Format>
+void ratio_rows(const ShardRows& p, const float* delta, float* out) {
+#pragma omp parallel num_threads(p.threads > 0 ? p.threads : omp_get_max_threads())
+  {
+    Scratch scratch(p.cols);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < p.rows; ++n) {
+      const float* z = student_row<Format>(p, n, scratch, false);
+      out[n] = ratio_sum(p, z, teacher_row<Format>(p, n, scratch), delta[n]);
+    }
+  }
+}
 
-// One row's gradient: (alpha p + beta c (+ gamma [rest] exp(z - LSE_R))) times slope (dz/dx,
-// null: 1), c = exp(u - LSE_u) with the teacher row u (kWithTeacher), else the column weights.
-// Everything the loop reads is a parameter or local: GCC does not vectorise loads through the
-// problem struct.
+enum GradTerms { kPlain, kWithTeacher, kWithTeacherRatio, kWithRest };
+
+// One row's gradient: (alpha p + beta c (+ gamma [rest] exp(z - LSE_R))
+// (+ eta exp(min(u - z - delta, M)))) times slope (dz/dx, null: 1), c = exp(u - LSE_u) with
+// the teacher row u (kWithTeacher*), else the column weights. Everything the loop reads is a
+// parameter or local: GCC does not vectorise loads through the problem struct.
+struct RowTerms {
+  float lse, alpha, beta, teacher_lse, gamma, rest_lse, eta, delta, kappa, limit;
+};
+
+template <class Format, GradTerms kTerms>
+TCSM_INLINE float grad_at(const float* z, const float* c, const float* in_rest, int64_t k,
+                          const RowTerms& t) {
+  constexpr bool kTeacher = kTerms == kWithTeacher || kTerms == kWithTeacherRatio;
+  const float ck = kTeacher ? fast_exp(c[k] - t.teacher_lse) : c[k];
+  float g = t.alpha * fast_exp(z[k] - t.lse) + t.beta * ck;
+  if constexpr (kTerms == kWithRest) g += t.gamma * in_rest[k] * fast_exp(z[k] - t.rest_lse);
+  if constexpr (kTerms == kWithTeacherRatio) {
+    const float r = (c[k] - z[k]) - t.delta;
+    g += t.eta * fast_exp(r < t.limit ? r : t.limit) + t.kappa;
+  }
+  return g;
+}
+
 template <class Format, GradTerms kTerms>
 void write_grad(const float* z, const float* c, const float* slope, const float* in_rest,
-                typename Format::Storage* grad, int64_t cols, float lse, float alpha, float beta,
-                float teacher_lse, float gamma, float rest_lse) {
+                typename Format::Storage* grad, int64_t cols, const RowTerms terms) {
   if (slope == nullptr) {
 #pragma omp simd
     for (int64_t k = 0; k < cols; ++k) {
-      const float ck = kTerms == kWithTeacher ? fast_exp(c[k] - teacher_lse) : c[k];
-      float g = alpha * fast_exp(z[k] - lse) + beta * ck;
-      if constexpr (kTerms == kWithRest) g += gamma * in_rest[k] * fast_exp(z[k] - rest_lse);
-      grad[k] = Format::narrow(g);
+      grad[k] = Format::narrow(grad_at<Format, kTerms>(z, c, in_rest, k, terms));
     }
   } else {
 #pragma omp simd
     for (int64_t k = 0; k < cols; ++k) {
-      const float ck = kTerms == kWithTeacher ? fast_exp(c[k] - teacher_lse) : c[k];
-      float g = alpha * fast_exp(z[k] - lse) + beta * ck;
-      if constexpr (kTerms == kWithRest) g += gamma * in_rest[k] * fast_exp(z[k] - rest_lse);
-      grad[k] = Format::narrow(g * slope[k]);
+      grad[k] = Format::narrow(grad_at<Format, kTerms>(z, c, in_rest, k, terms) * slope[k]);
     }
   }
 }
@@ -239,8 +287,12 @@ void grad_rows(const ShardRows& p, const RowCoefficients& coef, void* grad_out,
     for (int64_t n = 0; n < p.rows; ++n) {
       auto* grad = static_cast<typename Format::Storage*>(grad_out) + n * grad_row_stride;
       const float a = coef.alpha[n], b = coef.beta[n];
-      const float r = coef.gamma == nullptr ? 0.f : coef.gamma[n];
-      if (a == 0.f && b == 0.f && r == 0.f) {  // a row without loss: +0 is all zero bits
+      RowTerms t{coef.lse[n], a, b, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, p.max_log_ratio};
+      if (coef.gamma != nullptr) t.gamma = coef.gamma[n], t.rest_lse = coef.rest_lse[n];
+      if (coef.eta != nullptr) t.eta = coef.eta[n], t.delta = coef.delta[n], t.kappa = coef.kappa[n];
+      if (p.teacher != nullptr) t.teacher_lse = coef.teacher_lse[n];
+      if (a == 0.f && b == 0.f && t.gamma == 0.f && t.eta == 0.f && t.kappa == 0.f) {
+        // a row without loss: +0 is all zero bits
         std::memset(grad, 0, sizeof(*grad) * static_cast<size_t>(p.cols));
         continue;
       }
@@ -248,19 +300,20 @@ void grad_rows(const ShardRows& p, const RowCoefficients& coef, void* grad_out,
       const float* slope = p.softcap != 0.f ? scratch.slope.data() : nullptr;
       if (p.teacher != nullptr) {
         const float* u = teacher_row<Format>(p, n, scratch);
-        write_grad<Format, kWithTeacher>(z, u, slope, nullptr, grad, p.cols, coef.lse[n], a, b,
-                                         coef.teacher_lse[n], 0.f, 0.f);
+        if (t.eta != 0.f || t.kappa != 0.f) {
+          write_grad<Format, kWithTeacherRatio>(z, u, slope, nullptr, grad, p.cols, t);
+        } else {
+          write_grad<Format, kWithTeacher>(z, u, slope, nullptr, grad, p.cols, t);
+        }
       } else {
         const float* c = p.column_weight != nullptr ? p.column_weight : scratch.ones.data();
-        if (r != 0.f) {
+        if (t.gamma != 0.f) {
           float* in_rest = scratch.in_rest.data();
           mark_excluded(p, n, in_rest, 0.f);
-          write_grad<Format, kWithRest>(z, c, slope, in_rest, grad, p.cols, coef.lse[n], a, b,
-                                        0.f, r, coef.rest_lse[n]);
+          write_grad<Format, kWithRest>(z, c, slope, in_rest, grad, p.cols, t);
           mark_excluded(p, n, in_rest, 1.f);
         } else {
-          write_grad<Format, kPlain>(z, c, slope, nullptr, grad, p.cols, coef.lse[n], a, b, 0.f,
-                                     0.f, 0.f);
+          write_grad<Format, kPlain>(z, c, slope, nullptr, grad, p.cols, t);
         }
       }
       if (p.mask_col >= 0) grad[p.mask_col] = Format::narrow(0.f);
@@ -272,6 +325,10 @@ void grad_rows(const ShardRows& p, const RowCoefficients& coef, void* grad_out,
 
 void shard_row_stats(const ShardRows& rows, float* out) {
   with_storage(rows.storage, [&]<class Format>() { stats_rows<Format>(rows, out); });
+}
+
+void shard_ratio_sums(const ShardRows& rows, const float* delta, float* out) {
+  with_storage(rows.storage, [&]<class Format>() { ratio_rows<Format>(rows, delta, out); });
 }
 
 void shard_row_grad(const ShardRows& rows, const RowCoefficients& coefficients, void* grad,

@@ -151,8 +151,8 @@ def _divergence_rows(inp: _checks.LossInputs, options: LossOptions, cols: Column
             return {"kl": kl, "is": is_, "gkl": kl + is_}[divergence]
         logq_a = cols.gather(logq, a[:, None])[:, 0]
         logp_a = cols.gather(logp, a[:, None])[:, 0]
-        if divergence == "gkl":  # math.md 4.3: (1/V) GKL(q/q_a, p/p_a)
-            return ((kl - logq_a + logp_a) * exp_(-logq_a) - exp_(-logq_a) + exp_(-logp_a)) / v
+        if divergence == "gkl":
+            return dense_score_gkl_losses(kl, logq_a, logp_a, v, options)
         # math.md 4.3, is: r_y = log(A_y / B_y) = (log q_y - log q_a) - (z_y - z_a)
         r = (logq - logq_a[:, None]) - (z - z_a[:, None])
         return cols.sum(exp_(r) - r - 1) / v
@@ -184,6 +184,15 @@ def data_losses(lse, z_a, log_p_sum, class_weight_a, v, options: LossOptions):
         eps = options.label_smoothing
         rows = (1 - eps) * rows - eps / v * log_p_sum
     return rows
+
+
+def dense_score_gkl_losses(kl, logq_a, logp_a, v, options: LossOptions):
+    """(N,) math.md 4.3, gkl: (1/V) GKL(q/q_a, p/p_a) from KL(q || p) and the reference
+    token's log-probabilities under teacher and student."""
+    def exp_(x):
+        return _clamped_exp(x, options.max_log_ratio)
+
+    return ((kl - logq_a + logp_a) * exp_(-logq_a) - exp_(-logq_a) + exp_(-logp_a)) / v
 
 
 def topk_score_losses(z_s, z_a, lse, rho, counted, v, options: LossOptions):

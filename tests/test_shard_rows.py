@@ -32,7 +32,7 @@ def _expected_stats(x, teacher, column, excluded, mask_col, tau, softcap):
 
     m = z.amax(1)
     s = shifted(m)
-    out = torch.empty(n, 5, dtype=torch.float64)
+    out = torch.zeros(n, 6, dtype=torch.float64)
     out[:, 0], out[:, 1] = m, torch.exp(z - s[:, None]).sum(1)
     if teacher is not None:
         u = (teacher.double() / tau).masked_fill(~keep, float("-inf"))
@@ -40,6 +40,7 @@ def _expected_stats(x, teacher, column, excluded, mask_col, tau, softcap):
         eu = torch.exp(u - shifted(mu)[:, None])
         out[:, 2], out[:, 3] = mu, eu.sum(1)
         out[:, 4] = torch.where(eu > 0, eu * (u - z), 0).sum(1)
+        out[:, 5] = torch.where(keep, u - z, 0).sum(1)
         return out
     c = torch.ones(w, dtype=torch.float64) if column is None else column.double()
     out[:, 2] = torch.where(keep, c * (z - s[:, None]), 0).sum(1)
@@ -55,8 +56,21 @@ def _expected_stats(x, teacher, column, excluded, mask_col, tau, softcap):
     return out
 
 
+def _capped(x, softcap):
+    z = x.double()
+    return softcap * torch.tanh(z / softcap) if softcap else z
+
+
+def _expected_ratio_sums(x, teacher, delta, mask_col, tau, softcap, limit):
+    r = teacher.double() / tau - _capped(x, softcap) - delta.double()[:, None]
+    e = torch.exp(r.clamp(max=limit))
+    if mask_col >= 0:
+        e[:, mask_col] = 0
+    return e.sum(1)
+
+
 def _expected_grad(x, teacher, column, excluded, lse, alpha, beta, teacher_lse, gamma, rest_lse,
-                   mask_col, tau, softcap):
+                   eta, delta, kappa, mask_col, tau, softcap, limit):
     z = x.double()
     slope = torch.ones_like(z)
     if softcap:
@@ -70,6 +84,9 @@ def _expected_grad(x, teacher, column, excluded, lse, alpha, beta, teacher_lse, 
     else:
         c = torch.ones_like(z)
     g = alpha.double()[:, None] * p + beta.double()[:, None] * c
+    if eta is not None:
+        r = (teacher.double() / tau - z - delta.double()[:, None]).clamp(max=limit)
+        g = g + eta.double()[:, None] * torch.exp(r) + kappa.double()[:, None]
     if excluded is not None:
         off_s = torch.ones_like(z, dtype=torch.bool)
         for i, ids in enumerate(excluded.tolist()):
@@ -80,6 +97,12 @@ def _expected_grad(x, teacher, column, excluded, lse, alpha, beta, teacher_lse, 
     if mask_col >= 0:
         g[:, mask_col] = 0
     return g
+
+
+def _run_ratio_sums(backend, *args):
+    if backend == "cpp":
+        return torch.ops.tcsm.shard_ratio_sums_cpu(*args)
+    return shard_rows.ratio_sums(*_on("cuda" if HAS_CUDA else "cpu", args)).cpu()
 
 
 def _run_stats(backend, *args):
@@ -94,7 +117,7 @@ def _run_grad(backend, *args):
         return
     moved = _on("cuda" if HAS_CUDA else "cpu", args)
     shard_rows.row_grad(*moved)
-    args[10].copy_(moved[10].cpu())
+    args[13].copy_(moved[13].cpu())
 
 
 CASES = [
@@ -105,6 +128,8 @@ CASES = [
     dict(excluded=True, mask_col=5),
     dict(teacher=True, tau=0.7),
     dict(teacher=True, softcap=3.0, mask_col=6),
+    dict(teacher=True, ratio=True, tau=0.8, limit=2.0),
+    dict(teacher=True, ratio=True, softcap=3.0, mask_col=1, limit=30.0),
 ]
 
 
@@ -145,18 +170,29 @@ def test_row_kernels_match_their_definitions(backend, dtype, case):
     if excluded is not None:
         gamma, rest_lse = torch.randn(n, generator=g), lse - 2.0
         gamma[2] = rest_lse[2] = 0
+    eta = delta = kappa = None
+    limit = case.get("limit", 30.0)
+    if case.get("ratio"):
+        eta, kappa = torch.randn(n, generator=g), torch.randn(n, generator=g)
+        delta = torch.randn(n, generator=g)
+        eta[2] = kappa[2] = 0
+        sums = _run_ratio_sums(backend, x, teacher, delta, mask_col, tau, softcap, limit)
+        want = _expected_ratio_sums(x, teacher, delta, mask_col, tau, softcap, limit)
+        torch.testing.assert_close(sums.double(), want, rtol=2e-5, atol=1e-5)
     alpha[2] = beta[2] = 0  # the all-banned row carries no loss
-    coefficients = (lse, alpha, beta, teacher_lse, gamma, rest_lse)
+    coefficients = (lse, alpha, beta, teacher_lse, gamma, rest_lse, eta, delta, kappa)
     grad = torch.empty_like(x)
-    _run_grad(backend, x, teacher, column, excluded, *coefficients, grad, mask_col, tau, softcap)
-    want = _expected_grad(x, teacher, column, excluded, *coefficients, mask_col, tau, softcap)
+    _run_grad(backend, x, teacher, column, excluded, *coefficients, grad, mask_col, tau, softcap,
+              limit)
+    want = _expected_grad(x, teacher, column, excluded, *coefficients, mask_col, tau, softcap,
+                          limit)
     want[2] = 0
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
     torch.testing.assert_close(grad.double(), want, **tol)
     # in place: the gradient written over the logits
     inplace = x.clone()
     _run_grad(backend, inplace, teacher, column, excluded, *coefficients, inplace, mask_col,
-              tau, softcap)
+              tau, softcap, limit)
     assert torch.equal(inplace, grad)
 
 
@@ -172,9 +208,14 @@ def test_cpp_row_kernels_reject_bad_shapes():
         torch.ops.tcsm.shard_row_stats_cpu(x, None, torch.ones(7), None, -1, 1.0, 0.0)
     with pytest.raises(RuntimeError, match="alpha"):
         torch.ops.tcsm.shard_row_grad_cpu(x, None, None, None, torch.zeros(3), torch.zeros(2),
-                                          torch.zeros(3), None, None, None, torch.empty_like(x),
-                                          -1, 1.0, 0.0)
+                                          torch.zeros(3), None, None, None, None, None, None,
+                                          torch.empty_like(x), -1, 1.0, 0.0, 30.0)
     with pytest.raises(RuntimeError, match="go together"):
         torch.ops.tcsm.shard_row_grad_cpu(x, None, None, None, torch.zeros(3), torch.zeros(3),
-                                          torch.zeros(3), None, torch.zeros(3), None,
-                                          torch.empty_like(x), -1, 1.0, 0.0)
+                                          torch.zeros(3), None, torch.zeros(3), None, None, None,
+                                          None, torch.empty_like(x), -1, 1.0, 0.0, 30.0)
+    with pytest.raises(RuntimeError, match="with teacher_logits"):
+        torch.ops.tcsm.shard_row_grad_cpu(x, None, None, None, torch.zeros(3), torch.zeros(3),
+                                          torch.zeros(3), None, None, None, torch.zeros(3),
+                                          torch.zeros(3), torch.zeros(3), torch.empty_like(x),
+                                          -1, 1.0, 0.0, 30.0)

@@ -1,12 +1,14 @@
 """Vocabulary-parallel TCSM loss: each rank holds logits (..., V / P) for its slice of the
 vocabulary (a column-split LM head, as Megatron's vocab-parallel cross-entropy).
 
-The reference's formulas run on the shard with ``ShardColumns``: every row reduction (LSE,
-sums, the target's logit, top-K gathers) is completed by an all-reduce of (N,) or (N, K)
-values, and autograd gives each rank the gradient of its own shard. The value and gradients
-(gradients summed over the ranks in backward: every rank must run it) equal the single-process loss on the concatenated logits, for every row of ``LOSS_CASES`` and
-every option. The shard pass is plain PyTorch (a few (N, V / P) temporaries kept for
-backward), not the fused kernel.
+The value and each shard's gradient equal the single-process loss on the concatenated logits,
+for every row of ``LOSS_CASES`` and every option. By default (float32/bfloat16/float16 on CPU
+or CUDA) the shard pass is fused (``fused.py``: row statistics out, one all-gather of (N, few),
+the gradient written locally). ``backend="reference"`` (and float64) runs the reference's
+formulas on the shard with ``ShardColumns``: every row reduction is completed by an all-reduce
+of (N,) or (N, K) values and autograd gives each rank its shard's gradient (gradients summed
+over the ranks in backward: every rank must run it), at the cost of a few (N, V / P)
+temporaries kept for backward.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ def vocab_parallel_tcsm_loss(logits_shard: torch.Tensor, target: torch.Tensor, *
         inp = _checks.loss_inputs(full, target, teacher_logits=teacher,
                                   teacher_topk=teacher_topk, weight=weight,
                                   normalizer=normalizer, options=opts, class_weight=class_weight)
-        backend = shard_backend(opts, inp.kind, logits_shard)
+        backend = shard_backend(opts, logits_shard)
         if backend != "reference" and not _logits_are_scratch:
             refuse_inplace_on_leaf(logits_shard, opts)
         return opts, inp, backend

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from .loss import _block_config, _chain, _device_guard, _load_logits
 
-_STATS = 5
+_STATS = 6
 
 
 @triton.jit
@@ -57,6 +57,7 @@ def _row_stats_kernel(x_ptr, stride_x, t_ptr, stride_t, c_ptr, ex_ptr, stride_ex
     s = tl.full([], 0.0, tl.float32)
     s2 = tl.full([], 0.0, tl.float32)
     lin = tl.full([], 0.0, tl.float32)
+    gap = tl.full([], 0.0, tl.float32)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + offs
         ok = (cols < n_cols) & (cols != mask_col)
@@ -69,6 +70,7 @@ def _row_stats_kernel(x_ptr, stride_x, t_ptr, stride_t, c_ptr, ex_ptr, stride_ex
             s2 += tl.sum(eu, axis=0)
             # sum q (u - z) unnormalised; a term with q = 0 counts 0 (0 log 0)
             lin += tl.sum(tl.where(eu > 0, eu * (u - z), 0.0), axis=0)
+            gap += tl.sum(tl.where(ok, u - z, 0.0), axis=0)
         else:
             c = tl.full([BLOCK_V], 1.0, tl.float32)
             if WEIGHTED:
@@ -76,25 +78,46 @@ def _row_stats_kernel(x_ptr, stride_x, t_ptr, stride_t, c_ptr, ex_ptr, stride_ex
             lin += tl.sum(tl.where(ok, c * (z - shift), 0.0), axis=0)
             if REST:
                 s2 += tl.sum(tl.where(_off_s(cols, excluded), tl.exp(z - shift2), 0.0), axis=0)
-    out = out_ptr + row * 5
+    out = out_ptr + row * 6
     tl.store(out, m)
     tl.store(out + 1, s)
     if TEACHER:
         tl.store(out + 2, m2)
         tl.store(out + 3, s2)
         tl.store(out + 4, lin)
+        tl.store(out + 5, gap)
     else:
         tl.store(out + 2, lin)
         tl.store(out + 3, m2 if REST else m)
         tl.store(out + 4, s2 if REST else s)
+        tl.store(out + 5, 0.0)
+
+
+@triton.jit
+def _ratio_sums_kernel(x_ptr, stride_x, t_ptr, stride_t, delta_ptr, out_ptr, n_cols, mask_col,
+                       temperature, softcap, max_log_ratio, SOFTCAP: tl.constexpr,
+                       BLOCK_V: tl.constexpr):
+    # sum_k exp(min(u_k - z_k - delta, M)) over the participating columns
+    row = tl.program_id(0).to(tl.int64)
+    delta = tl.load(delta_ptr + row)
+    offs = tl.arange(0, BLOCK_V)
+    total = tl.full([], 0.0, tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + offs
+        ok = (cols < n_cols) & (cols != mask_col)
+        z, _ = _load_logits(x_ptr + row * stride_x + cols, ok, 0.0, softcap, SOFTCAP)
+        u = tl.load(t_ptr + row * stride_t + cols, mask=ok, other=0.0).to(tl.float32) / temperature
+        total += tl.sum(tl.where(ok, tl.exp(tl.minimum(u - z - delta, max_log_ratio)), 0.0), 0)
+    tl.store(out_ptr + row, total)
 
 
 @triton.jit
 def _row_grad_kernel(x_ptr, stride_x, t_ptr, stride_t, c_ptr, ex_ptr, stride_ex, lse_ptr,
-                     alpha_ptr, beta_ptr, tlse_ptr, gamma_ptr, rlse_ptr, g_ptr, stride_g,
-                     n_cols, n_ex, mask_col, temperature, softcap,
-                     SOFTCAP: tl.constexpr, TEACHER: tl.constexpr, WEIGHTED: tl.constexpr,
-                     REST: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+                     alpha_ptr, beta_ptr, tlse_ptr, gamma_ptr, rlse_ptr, eta_ptr, delta_ptr,
+                     kappa_ptr, g_ptr, stride_g, n_cols, n_ex, mask_col, temperature, softcap,
+                     max_log_ratio, SOFTCAP: tl.constexpr, TEACHER: tl.constexpr,
+                     WEIGHTED: tl.constexpr, REST: tl.constexpr, RATIO: tl.constexpr,
+                     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     g_row = g_ptr + row * stride_g
@@ -112,8 +135,15 @@ def _row_grad_kernel(x_ptr, stride_x, t_ptr, stride_t, c_ptr, ex_ptr, stride_ex,
         rest_lse = tl.load(rlse_ptr + row)
         k = tl.arange(0, BLOCK_K)
         excluded = tl.load(ex_ptr + row * stride_ex + k, mask=k < n_ex, other=-1)
+    eta = 0.0
+    delta = 0.0
+    kappa = 0.0
+    if RATIO:
+        eta = tl.load(eta_ptr + row)
+        delta = tl.load(delta_ptr + row)
+        kappa = tl.load(kappa_ptr + row)
     # a row without loss (all coefficients 0) gets zeros, whatever its LSE (-inf if banned)
-    carries = (alpha != 0.0) | (beta != 0.0) | (gamma != 0.0)
+    carries = (alpha != 0.0) | (beta != 0.0) | (gamma != 0.0) | (eta != 0.0) | (kappa != 0.0)
     offs = tl.arange(0, BLOCK_V)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + offs
@@ -125,6 +155,7 @@ def _row_grad_kernel(x_ptr, stride_x, t_ptr, stride_t, c_ptr, ex_ptr, stride_ex,
             u = tl.load(t_ptr + row * stride_t + cols, mask=ok,
                         other=float("-inf")).to(tl.float32) / temperature
             c = tl.exp(u - t_lse)
+            ratio = tl.exp(tl.minimum(u - z - delta, max_log_ratio))
         elif WEIGHTED:
             c = tl.load(c_ptr + cols, mask=ok, other=0.0)
         else:
@@ -132,6 +163,8 @@ def _row_grad_kernel(x_ptr, stride_x, t_ptr, stride_t, c_ptr, ex_ptr, stride_ex,
         g = alpha * tl.exp(z - lse) + beta * c
         if REST:
             g += tl.where(_off_s(cols, excluded), gamma * tl.exp(z - rest_lse), 0.0)
+        if RATIO:
+            g += eta * ratio + kappa
         g = tl.where(ok, _chain(g, slope, SOFTCAP), 0.0)
         g = tl.where(carries, g, 0.0)
         tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=inside)
@@ -171,8 +204,9 @@ def row_grad(logits: torch.Tensor, teacher: Optional[torch.Tensor],
              column: Optional[torch.Tensor], excluded: Optional[torch.Tensor],
              lse: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
              teacher_lse: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
-             rest_lse: Optional[torch.Tensor], out: torch.Tensor, mask_col: int,
-             temperature: float, softcap: float) -> None:
+             rest_lse: Optional[torch.Tensor], eta: Optional[torch.Tensor],
+             delta: Optional[torch.Tensor], kappa: Optional[torch.Tensor], out: torch.Tensor, mask_col: int,
+             temperature: float, softcap: float, max_log_ratio: float) -> None:
     """out (N, W) = the shard's gradient (csrc/shard_rows.h); out may be logits."""
     x, teacher = _rows(logits), _rows(teacher)
     n, w = x.shape
@@ -188,7 +222,24 @@ def row_grad(logits: torch.Tensor, teacher: Optional[torch.Tensor],
             column if column is not None else lse, ex, ex.stride(0) if n_ex else 0, lse,
             alpha, beta, teacher_lse if teacher_lse is not None else lse,
             gamma if gamma is not None else lse, rest_lse if rest_lse is not None else lse,
-            out, out.stride(0), w, n_ex, mask_col, temperature, softcap,
+            eta if eta is not None else lse, delta if delta is not None else lse,
+            kappa if kappa is not None else lse, out, out.stride(0), w, n_ex, mask_col, temperature, softcap, max_log_ratio,
             SOFTCAP=softcap > 0, TEACHER=teacher is not None, WEIGHTED=column is not None,
-            REST=excluded is not None, BLOCK_V=block_v,
+            REST=excluded is not None, RATIO=eta is not None, BLOCK_V=block_v,
             BLOCK_K=max(2, triton.next_power_of_2(max(n_ex, 1))), num_warps=warps)
+
+
+def ratio_sums(logits: torch.Tensor, teacher: torch.Tensor, delta: torch.Tensor, mask_col: int,
+               temperature: float, softcap: float, max_log_ratio: float) -> torch.Tensor:
+    """(N,) float32 sums of the clamped ratios exp(min(u - z - delta, M)) (csrc/shard_rows.h)."""
+    x, teacher = _rows(logits), _rows(teacher)
+    n, w = x.shape
+    out = torch.zeros(n, device=x.device, dtype=torch.float32)
+    if n == 0 or w == 0:
+        return out
+    block_v, warps = _block_config(w, x.device)
+    with _device_guard(x.device):
+        _ratio_sums_kernel[(n,)](x, x.stride(0), teacher, teacher.stride(0), delta, out, w,
+                                 mask_col, temperature, softcap, max_log_ratio,
+                                 SOFTCAP=softcap > 0, BLOCK_V=block_v, num_warps=warps)
+    return out
