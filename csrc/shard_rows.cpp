@@ -247,33 +247,31 @@ struct RowTerms {
   float lse, alpha, beta, teacher_lse, gamma, rest_lse, eta, delta, kappa, limit;
 };
 
-template <class Format, GradTerms kTerms>
-TCSM_INLINE float grad_at(const float* z, const float* c, const float* in_rest, int64_t k,
-                          const RowTerms& t) {
+template <class Format, GradTerms kTerms, bool kCapped>
+void write_grad(const float* z, const float* c, const float* slope, const float* in_rest,
+                typename Format::Storage* grad, int64_t cols, const RowTerms t) {
   constexpr bool kTeacher = kTerms == kWithTeacher || kTerms == kWithTeacherRatio;
-  const float ck = kTeacher ? fast_exp(c[k] - t.teacher_lse) : c[k];
-  float g = t.alpha * fast_exp(z[k] - t.lse) + t.beta * ck;
-  if constexpr (kTerms == kWithRest) g += t.gamma * in_rest[k] * fast_exp(z[k] - t.rest_lse);
-  if constexpr (kTerms == kWithTeacherRatio) {
-    const float r = (c[k] - z[k]) - t.delta;
-    g += t.eta * fast_exp(r < t.limit ? r : t.limit) + t.kappa;
+#pragma omp simd
+  for (int64_t k = 0; k < cols; ++k) {
+    const float ck = kTeacher ? fast_exp(c[k] - t.teacher_lse) : c[k];
+    float g = t.alpha * fast_exp(z[k] - t.lse) + t.beta * ck;
+    if constexpr (kTerms == kWithRest) g += t.gamma * in_rest[k] * fast_exp(z[k] - t.rest_lse);
+    if constexpr (kTerms == kWithTeacherRatio) {
+      const float r = (c[k] - z[k]) - t.delta;
+      g += t.eta * fast_exp(r < t.limit ? r : t.limit) + t.kappa;
+    }
+    grad[k] = Format::narrow(kCapped ? g * slope[k] : g);
   }
-  return g;
 }
 
+// write_grad with the softcap's slope, or without it (slope null).
 template <class Format, GradTerms kTerms>
-void write_grad(const float* z, const float* c, const float* slope, const float* in_rest,
-                typename Format::Storage* grad, int64_t cols, const RowTerms terms) {
-  if (slope == nullptr) {
-#pragma omp simd
-    for (int64_t k = 0; k < cols; ++k) {
-      grad[k] = Format::narrow(grad_at<Format, kTerms>(z, c, in_rest, k, terms));
-    }
+void write_row_grad(const float* z, const float* c, const float* slope, const float* in_rest,
+                    typename Format::Storage* grad, int64_t cols, const RowTerms& t) {
+  if (slope != nullptr) {
+    write_grad<Format, kTerms, true>(z, c, slope, in_rest, grad, cols, t);
   } else {
-#pragma omp simd
-    for (int64_t k = 0; k < cols; ++k) {
-      grad[k] = Format::narrow(grad_at<Format, kTerms>(z, c, in_rest, k, terms) * slope[k]);
-    }
+    write_grad<Format, kTerms, false>(z, c, slope, in_rest, grad, cols, t);
   }
 }
 
@@ -301,19 +299,19 @@ void grad_rows(const ShardRows& p, const RowCoefficients& coef, void* grad_out,
       if (p.teacher != nullptr) {
         const float* u = teacher_row<Format>(p, n, scratch);
         if (t.eta != 0.f || t.kappa != 0.f) {
-          write_grad<Format, kWithTeacherRatio>(z, u, slope, nullptr, grad, p.cols, t);
+          write_row_grad<Format, kWithTeacherRatio>(z, u, slope, nullptr, grad, p.cols, t);
         } else {
-          write_grad<Format, kWithTeacher>(z, u, slope, nullptr, grad, p.cols, t);
+          write_row_grad<Format, kWithTeacher>(z, u, slope, nullptr, grad, p.cols, t);
         }
       } else {
         const float* c = p.column_weight != nullptr ? p.column_weight : scratch.ones.data();
         if (t.gamma != 0.f) {
           float* in_rest = scratch.in_rest.data();
           mark_excluded(p, n, in_rest, 0.f);
-          write_grad<Format, kWithRest>(z, c, slope, in_rest, grad, p.cols, t);
+          write_row_grad<Format, kWithRest>(z, c, slope, in_rest, grad, p.cols, t);
           mark_excluded(p, n, in_rest, 1.f);
         } else {
-          write_grad<Format, kPlain>(z, c, slope, nullptr, grad, p.cols, t);
+          write_row_grad<Format, kPlain>(z, c, slope, nullptr, grad, p.cols, t);
         }
       }
       if (p.mask_col >= 0) grad[p.mask_col] = Format::narrow(0.f);
