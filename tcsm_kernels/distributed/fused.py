@@ -8,7 +8,7 @@ Each rank
 
 1. reduces its shard (N, W) with one kernel to partial statistics (N, 6) (csrc/shard_rows.h);
 2. gathers its raw logits (and the teacher's) at the row's ids it owns;
-3. joins ONE all-gather of those (N, 6 + K + 1) values and merges them (log-sum-exp of the
+3. joins ONE all-gather of those (N, 7 + K) values (one more with a dense teacher) and merges them (log-sum-exp of the
    partial LSEs, sums of the linear sums and of the owned logits); the dense teacher's is and
    gkl-distrib need the ratio sum sum_y exp(min(u_y - z_y - delta, M)) at the merged delta:
    a second kernel and one all-reduce of (N,);
