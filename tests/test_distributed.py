@@ -35,9 +35,33 @@ def _shard(t, start, width):
     return t[..., start:start + width]
 
 
+def _check_case(start, width, where, z, target, kw, single, parallel_kw, tol, grad_tol):
+    """vocab_parallel_tcsm_loss on this rank's shard of z (and of kw's teacher_logits) against
+    ``single`` on the whole: the loss (and the returned LSE and z-loss) and the shard's
+    gradient."""
+    kw = dict(kw)
+    teacher = kw.pop("teacher_logits", None)
+    zf = z.clone().requires_grad_()
+    want = single(zf, target, teacher_logits=teacher, **kw)
+    zs = _shard(z, start, width).clone().requires_grad_()
+    got = vocab_parallel_tcsm_loss(
+        zs, target, vocab_start=start, vocab_size=VOCAB,
+        teacher_logits_shard=None if teacher is None else _shard(teacher, start, width),
+        **parallel_kw, **kw)
+    pair = (got, want) if not isinstance(got, tuple) else (got.loss, want.loss)
+    pair[1].sum().backward()
+    pair[0].sum().backward()
+    torch.testing.assert_close(pair[0], pair[1], **tol, msg=lambda m: f"{where}: {m}")
+    if isinstance(got, tuple):
+        torch.testing.assert_close(got.lse, want.lse, msg=where)
+        torch.testing.assert_close(got.z_loss, want.z_loss, msg=where)
+    torch.testing.assert_close(zs.grad, _shard(zf.grad, start, width), **grad_tol,
+                               msg=lambda m: f"{where} grad: {m}")
+
+
 def _loss_checks(rank, widths, masks):
-    start = sum(widths[:rank])
-    width = widths[rank]
+    """The reference shard pass in float64 against the reference on the whole vocabulary."""
+    start, width = sum(widths[:rank]), widths[rank]
     for config in CONFIGS:
         sets = list(option_sets(config).items())
         for mask_id in masks:
@@ -46,35 +70,17 @@ def _loss_checks(rank, widths, masks):
                     z, target, kw = build(config, opts, n=9, v=VOCAB, k=4, seed=mask_id or 0,
                                           mask_id=mask_id)
                     kw["reduction"] = reduction
-                    z = z.double()
                     for key in ("weight", "class_weight", "teacher_logits"):
                         if key in kw:
                             kw[key] = kw[key].double()
-                    teacher = kw.pop("teacher_logits", None)
-                    zf = z.clone().requires_grad_()
-                    want = reference.tcsm_loss(zf, target, teacher_logits=teacher, **kw)
-                    want_t = want if not isinstance(want, tuple) else want
-                    zs = _shard(z, start, width).clone().requires_grad_()
-                    got = vocab_parallel_tcsm_loss(
-                        zs, target, vocab_start=start, vocab_size=VOCAB,
-                        teacher_logits_shard=None if teacher is None
-                        else _shard(teacher, start, width), **kw)
-                    parts = (got, want_t) if not isinstance(got, tuple) else (got.loss, want.loss)
-                    parts[1].sum().backward()
-                    parts[0].sum().backward()
                     where = f"{config} {name} mask={mask_id} {reduction} rank={rank}"
-                    torch.testing.assert_close(parts[0], parts[1], rtol=1e-10, atol=1e-12,
-                                               msg=lambda m: f"{where}: {m}")
-                    if isinstance(got, tuple):
-                        torch.testing.assert_close(got.lse, want.lse, msg=where)
-                        torch.testing.assert_close(got.z_loss, want.z_loss, msg=where)
-                    torch.testing.assert_close(zs.grad, _shard(zf.grad, start, width),
-                                               rtol=1e-9, atol=1e-12,
-                                               msg=lambda m: f"{where} grad: {m}")
+                    _check_case(start, width, where, z.double(), target, kw, reference.tcsm_loss,
+                                {}, dict(rtol=1e-10, atol=1e-12), dict(rtol=1e-9, atol=1e-12))
 
 
-def _single_process_backend():
-    return "cpp" if _backend.cpp_available() else "reference"
+def _single_process_fused(*args, **kwargs):
+    return fused_tcsm_loss(*args, backend="cpp" if _backend.cpp_available() else "reference",
+                           **kwargs)
 
 
 def _fused_loss_checks(rank, widths, masks):
@@ -93,27 +99,10 @@ def _fused_loss_checks(rank, widths, masks):
                         z, target, kw = build(config, opts, n=9, v=VOCAB, k=4,
                                               seed=mask_id or 0, mask_id=mask_id)
                         kw["reduction"] = reduction
-                        teacher = kw.pop("teacher_logits", None)
-                        zf = z.clone().requires_grad_()
-                        want = fused_tcsm_loss(zf, target, teacher_logits=teacher,
-                                               backend=_single_process_backend(), **kw)
-                        zs = _shard(z, start, width).clone().requires_grad_()
-                        got = vocab_parallel_tcsm_loss(
-                            zs, target, vocab_start=start, vocab_size=VOCAB, backend=backend,
-                            teacher_logits_shard=None if teacher is None
-                            else _shard(teacher, start, width), **kw)
-                        pair = (got, want) if not isinstance(got, tuple) else (got.loss, want.loss)
-                        pair[1].sum().backward()
-                        pair[0].sum().backward()
                         where = f"{backend} {config} {name} mask={mask_id} {reduction} rank={rank}"
-                        torch.testing.assert_close(pair[0], pair[1], rtol=2e-5, atol=2e-5,
-                                                   msg=lambda m: f"{where}: {m}")
-                        if isinstance(got, tuple):
-                            torch.testing.assert_close(got.lse, want.lse, msg=where)
-                            torch.testing.assert_close(got.z_loss, want.z_loss, msg=where)
-                        torch.testing.assert_close(zs.grad, _shard(zf.grad, start, width),
-                                                   rtol=1e-4, atol=2e-6,
-                                                   msg=lambda m: f"{where} grad: {m}")
+                        _check_case(start, width, where, z, target, kw, _single_process_fused,
+                                    dict(backend=backend), dict(rtol=2e-5, atol=2e-5),
+                                    dict(rtol=1e-4, atol=2e-6))
 
 
 def _fused_linear_and_bf16_checks(rank, widths):
@@ -141,7 +130,7 @@ def _fused_linear_and_bf16_checks(rank, widths):
     z = (3 * torch.randn(10, VOCAB, generator=g)).bfloat16()
     target = torch.randint(0, VOCAB, (10,), generator=g)
     zf = z.clone().requires_grad_()
-    fused_tcsm_loss(zf, target, divergence="is", backend=_single_process_backend()).backward()
+    _single_process_fused(zf, target, divergence="is").backward()
     zs = _shard(z, start, width).clone().requires_grad_()
     vocab_parallel_tcsm_loss(zs, target, vocab_start=start, vocab_size=VOCAB,
                              divergence="is").backward()

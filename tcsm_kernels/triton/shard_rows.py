@@ -176,27 +176,34 @@ def _rows(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.contiguous()
 
 
+def _launch_args(x: torch.Tensor, teacher: Optional[torch.Tensor],
+                 excluded: Optional[torch.Tensor], fallback: torch.Tensor):
+    """The row tensors' kernel arguments: (teacher or a stand-in, its row stride, the excluded
+    ids or a stand-in, their row stride, K, BLOCK_K); absent tensors point at ``fallback``."""
+    n_ex = 0 if excluded is None else excluded.shape[1]
+    ex = excluded.contiguous() if excluded is not None else x.new_zeros(1, dtype=torch.int64)
+    return (teacher if teacher is not None else fallback,
+            teacher.stride(0) if teacher is not None else 0, ex, ex.stride(0) if n_ex else 0,
+            n_ex, max(2, triton.next_power_of_2(max(n_ex, 1))))
+
+
 def row_stats(logits: torch.Tensor, teacher: Optional[torch.Tensor],
               column: Optional[torch.Tensor], excluded: Optional[torch.Tensor], mask_col: int,
               temperature: float, softcap: float) -> torch.Tensor:
-    """(N, 5) float32 statistics of the shard's rows (csrc/shard_rows.h)."""
+    """(N, 6) float32 statistics of the shard's rows (csrc/shard_rows.h)."""
     x, teacher = _rows(logits), _rows(teacher)
     n, w = x.shape
     out = torch.empty((n, _STATS), device=x.device, dtype=torch.float32)
     if n == 0:
         return out
     block_v, warps = _block_config(w, x.device)
-    n_ex = 0 if excluded is None else excluded.shape[1]
-    ex = excluded.contiguous() if excluded is not None else x.new_zeros(1, dtype=torch.int64)
+    t, stride_t, ex, stride_ex, n_ex, block_k = _launch_args(x, teacher, excluded, x)
     with _device_guard(x.device):
         _row_stats_kernel[(n,)](
-            x, x.stride(0), teacher if teacher is not None else x,
-            teacher.stride(0) if teacher is not None else 0,
-            column if column is not None else out, ex, ex.stride(0) if n_ex else 0, out,
-            w, n_ex, mask_col, temperature, softcap,
+            x, x.stride(0), t, stride_t, column if column is not None else out, ex, stride_ex,
+            out, w, n_ex, mask_col, temperature, softcap,
             SOFTCAP=softcap > 0, TEACHER=teacher is not None, WEIGHTED=column is not None,
-            REST=excluded is not None, BLOCK_V=block_v,
-            BLOCK_K=max(2, triton.next_power_of_2(max(n_ex, 1))), num_warps=warps)
+            REST=excluded is not None, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=warps)
     return out
 
 
@@ -205,28 +212,24 @@ def row_grad(logits: torch.Tensor, teacher: Optional[torch.Tensor],
              lse: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
              teacher_lse: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
              rest_lse: Optional[torch.Tensor], eta: Optional[torch.Tensor],
-             delta: Optional[torch.Tensor], kappa: Optional[torch.Tensor], out: torch.Tensor, mask_col: int,
-             temperature: float, softcap: float, max_log_ratio: float) -> None:
+             delta: Optional[torch.Tensor], kappa: Optional[torch.Tensor], out: torch.Tensor,
+             mask_col: int, temperature: float, softcap: float, max_log_ratio: float) -> None:
     """out (N, W) = the shard's gradient (csrc/shard_rows.h); out may be logits."""
     x, teacher = _rows(logits), _rows(teacher)
     n, w = x.shape
     if n == 0 or w == 0:
         return
     block_v, warps = _block_config(w, x.device)
-    n_ex = 0 if excluded is None else excluded.shape[1]
-    ex = excluded.contiguous() if excluded is not None else x.new_zeros(1, dtype=torch.int64)
+    t, stride_t, ex, stride_ex, n_ex, block_k = _launch_args(x, teacher, excluded, x)
+    rows = [r if r is not None else lse for r in (column, lse, alpha, beta, teacher_lse, gamma,
+                                                   rest_lse, eta, delta, kappa)]
     with _device_guard(x.device):
         _row_grad_kernel[(n,)](
-            x, x.stride(0), teacher if teacher is not None else x,
-            teacher.stride(0) if teacher is not None else 0,
-            column if column is not None else lse, ex, ex.stride(0) if n_ex else 0, lse,
-            alpha, beta, teacher_lse if teacher_lse is not None else lse,
-            gamma if gamma is not None else lse, rest_lse if rest_lse is not None else lse,
-            eta if eta is not None else lse, delta if delta is not None else lse,
-            kappa if kappa is not None else lse, out, out.stride(0), w, n_ex, mask_col, temperature, softcap, max_log_ratio,
+            x, x.stride(0), t, stride_t, rows[0], ex, stride_ex, *rows[1:], out, out.stride(0),
+            w, n_ex, mask_col, temperature, softcap, max_log_ratio,
             SOFTCAP=softcap > 0, TEACHER=teacher is not None, WEIGHTED=column is not None,
             REST=excluded is not None, RATIO=eta is not None, BLOCK_V=block_v,
-            BLOCK_K=max(2, triton.next_power_of_2(max(n_ex, 1))), num_warps=warps)
+            BLOCK_K=block_k, num_warps=warps)
 
 
 def ratio_sums(logits: torch.Tensor, teacher: torch.Tensor, delta: torch.Tensor, mask_col: int,
