@@ -44,9 +44,17 @@ def setup(device: torch.device) -> World:
     return World(dist.get_rank(), size, device)
 
 
-def teardown(world: World) -> None:
+def teardown(world: World, finished: bool) -> None:
+    """Leave the process group. After a finished run a barrier first keeps a rank from tearing
+    down the store (rank 0 hosts it) while another still shuts its connections down, which
+    under load aborted a rank at exit ("terminate called without an active exception"); after
+    an error there is none (the other ranks may be inside another collective)."""
     if world.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if finished:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def mean(world: World, tensor: torch.Tensor) -> torch.Tensor:

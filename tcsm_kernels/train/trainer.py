@@ -399,12 +399,15 @@ def train(config: Optional[TrainConfig], session: Session) -> dict:
     run_dir, device, config = open_session(config, session)
     config.validate(int(os.environ.get("WORLD_SIZE", "1")), new_run=session.resume is None)
     world = distributed.setup(device)
+    finished = False
     try:
         if session.resume is None:
             start_run(config, run_dir, world)
-        return run_trainer(Trainer, config, session, run_dir, world)
+        summary = run_trainer(Trainer, config, session, run_dir, world)
+        finished = True
+        return summary
     finally:
-        distributed.teardown(world)
+        distributed.teardown(world, finished)
 
 
 def train_single_process(trainer_class: Type[Trainer], config: Optional[TrainConfig],
