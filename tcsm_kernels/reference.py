@@ -36,6 +36,11 @@ def _clamped_exp(x: torch.Tensor, limit: float) -> torch.Tensor:
     return _ClampedExp.apply(x, limit)
 
 
+def clamped_exp_of(options: LossOptions):
+    """x -> exp(min(x, options.max_log_ratio)) (math.md 4.6), the loss formulas' exp_."""
+    return lambda x: _clamped_exp(x, options.max_log_ratio)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -53,13 +58,13 @@ def _teacher_kl(logq: torch.Tensor, logp: torch.Tensor, total=lambda x: x.sum(1)
     return total(logq.exp() * log_ratio)
 
 
-def _topk_distrib_losses(cols: Columns, z, lse, idx, counted, log_q, divergence, tail, exp_):
+def _topk_distrib_losses(cols: Columns, z, lse, idx, counted, log_q, options: LossOptions):
     """(N,) top-K distribution losses (math.md 4.5). z (N, V_held) participating columns, idx
     (N, K) remapped columns, counted (N, K) entries that take part, log_q (N, K)
     log-probabilities."""
     logp = cols.gather(z, idx) - lse[:, None]
-    if tail == "renormalize":
-        return topk_cell_losses(log_q, counted, logp, None, None, divergence, tail, exp_, cols.v)
+    if options.tail == "renormalize":
+        return topk_cell_losses(log_q, counted, logp, None, None, cols.v, options)
     # tail zero: the cells are the K entries and the rest R (the columns outside S).
     in_s = cols.members(idx, counted, z)
     rest_nonempty = cols.any(~in_s)
@@ -69,24 +74,24 @@ def _topk_distrib_losses(cols: Columns, z, lse, idx, counted, log_q, divergence,
     lse_rest = cols.logsumexp(z.masked_fill(in_s & rest_live[:, None], float("-inf")))
     log_p_rest = torch.where(rest_live, lse_rest - lse,
                              torch.where(rest_nonempty, float("-inf"), 0.0))
-    return topk_cell_losses(log_q, counted, logp, log_p_rest, rest_nonempty, divergence, tail,
-                            exp_, cols.v)
+    return topk_cell_losses(log_q, counted, logp, log_p_rest, rest_nonempty, cols.v, options)
 
 
-def topk_cell_losses(log_q, counted, logp, log_p_rest, rest_nonempty, divergence, tail, exp_,
-                     v):
+def topk_cell_losses(log_q, counted, logp, log_p_rest, rest_nonempty, v, options: LossOptions):
     """(N,) math.md 4.5 from the cells' log-probabilities: log_q, logp (N, K) of the entries
     (counted (N, K) those that take part), and for tail zero log p_R and whether R is
     nonempty (N,); v the participating column count."""
+    exp_ = clamped_exp_of(options)
+
     log_q = torch.where(counted, log_q, float("-inf"))
-    if tail == "renormalize":  # q' = q / sum_S q on S, 0 elsewhere
+    if options.tail == "renormalize":  # q' = q / sum_S q on S, 0 elsewhere
         log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)
         return _teacher_kl(log_q, logp)
     q_rest = (1 - log_q.exp().sum(1)).clamp(min=0)
     log_q_rest = torch.where(q_rest > 0, q_rest.clamp(min=1e-38).log(), float("-inf"))
     q_rest_counted = rest_nonempty & (q_rest > 0)
     kl = _teacher_kl(log_q, logp) + torch.where(q_rest_counted, q_rest * (log_q_rest - log_p_rest), 0)
-    if divergence == "kl":
+    if options.divergence == "kl":
         return kl
     # IS over the cells, / V as the dense one: (1/V) sum_c [r_c - log r_c - 1], r = q_c / p_c;
     # the rest is a cell where the teacher has mass off S (else only the K cells count).
@@ -95,10 +100,10 @@ def topk_cell_losses(log_q, counted, logp, log_p_rest, rest_nonempty, divergence
     log_r_rest = torch.where(q_rest_counted, log_q_rest - log_p_rest, 0)
     cells = cells + torch.where(q_rest_counted, exp_(log_r_rest) - log_r_rest - 1, 0)
     is_ = cells / v
-    return is_ if divergence == "is" else kl + is_
+    return is_ if options.divergence == "is" else kl + is_
 
 
-def _student_logits(logits: torch.Tensor, options: LossOptions) -> torch.Tensor:
+def student_logits(logits: torch.Tensor, options: LossOptions) -> torch.Tensor:
     """The logits the loss sees, in the compute dtype: with a softcap c (Gemma; Liger's and
     CCE's softcap) c * tanh(logits / c), differentiated through by autograd."""
     z = logits.to(_compute_dtype(logits.dtype))
@@ -108,7 +113,7 @@ def _student_logits(logits: torch.Tensor, options: LossOptions) -> torch.Tensor:
 def _row_losses(inp: _checks.LossInputs, options: LossOptions, cols: Columns):
     """(N,) unweighted per-row losses (docs/math.md 4) with the z-loss, and the student's row
     LSE (N,); ignored rows hold finite placeholders."""
-    z = cols.participating(_student_logits(inp.logits, options))
+    z = cols.participating(student_logits(inp.logits, options))
     lse = cols.logsumexp(z)
     rows = _divergence_rows(inp, options, cols, z, lse)
     if options.lse_square_scale > 0:  # z-loss (PaLM; Liger's lse_square_scale): s LSE^2
@@ -128,8 +133,7 @@ def _divergence_rows(inp: _checks.LossInputs, options: LossOptions, cols: Column
     z_a = cols.gather(z, a[:, None])[:, 0]
     logp = z - lse[:, None]
 
-    def exp_(x):
-        return _clamped_exp(x, options.max_log_ratio)
+    exp_ = clamped_exp_of(options)
 
     if inp.kind == "data":  # math.md 4.1
         class_weight = None
@@ -162,8 +166,7 @@ def _divergence_rows(inp: _checks.LossInputs, options: LossOptions, cols: Column
     counted = torch.ones_like(idx, dtype=torch.bool) if mask_id is None else idx != mask_id
     remapped = remap_ids(idx, mask_id).clamp(0, v - 1)
     if options.objective == "distrib":
-        return _topk_distrib_losses(cols, z, lse, remapped, counted, values, divergence,
-                                    options.tail, exp_)
+        return _topk_distrib_losses(cols, z, lse, remapped, counted, values, options)
     # math.md 4.4: sparse top-K teacher, score objective; entries equal to a are skipped.
     counted &= idx != inp.target[:, None]
     return topk_score_losses(cols.gather(z, remapped), z_a, lse, values, counted, v, options)
@@ -174,7 +177,7 @@ def data_losses(lse, z_a, log_p_sum, class_weight_a, v, options: LossOptions):
     log_p_sum = sum_y c_y log p_y (c = the class weights with label smoothing and class weights,
     else 1) and the class weight of the target (or None)."""
     kl = lse - z_a
-    is_ = (_clamped_exp(lse - z_a, options.max_log_ratio) + log_p_sum) / v
+    is_ = (clamped_exp_of(options)(lse - z_a) + log_p_sum) / v
     rows = {"kl": kl, "is": is_, "gkl": kl + is_}[options.divergence]
     if class_weight_a is not None:
         rows = rows * class_weight_a
@@ -189,8 +192,7 @@ def data_losses(lse, z_a, log_p_sum, class_weight_a, v, options: LossOptions):
 def dense_score_gkl_losses(kl, logq_a, logp_a, v, options: LossOptions):
     """(N,) math.md 4.3, gkl: (1/V) GKL(q/q_a, p/p_a) from KL(q || p) and the reference
     token's log-probabilities under teacher and student."""
-    def exp_(x):
-        return _clamped_exp(x, options.max_log_ratio)
+    exp_ = clamped_exp_of(options)
 
     return ((kl - logq_a + logp_a) * exp_(-logq_a) - exp_(-logq_a) + exp_(-logp_a)) / v
 
@@ -198,8 +200,7 @@ def dense_score_gkl_losses(kl, logq_a, logp_a, v, options: LossOptions):
 def topk_score_losses(z_s, z_a, lse, rho, counted, v, options: LossOptions):
     """(N,) math.md 4.4 from the logits z_s (N, K) of the entries, the target's z_a, the LSE,
     the teacher's log-ratios rho (N, K) and the entries that count (N, K)."""
-    def exp_(x):
-        return _clamped_exp(x, options.max_log_ratio)
+    exp_ = clamped_exp_of(options)
 
     log_b = z_s - z_a[:, None]  # log B_y = z_y - z_a
     if options.divergence == "is":

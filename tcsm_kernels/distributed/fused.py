@@ -59,40 +59,13 @@ def shard_backend(options: LossOptions, logits: torch.Tensor) -> str:
     return _backend.resolve(options.backend, logits.device, logits.dtype)
 
 
-def _row_stats(backend, logits, teacher, column, excluded, mask_col, options):
-    softcap = options.softcap or 0.0
+def _kernel(backend: str, name: str):
+    """The shard row kernel ``name`` (row_stats, ratio_sums, row_grad) of a backend: the C++ op
+    ``tcsm::shard_<name>_cpu`` or ``triton.shard_rows.<name>``, which take the same arguments."""
     if backend == "cpp":
-        return torch.ops.tcsm.shard_row_stats_cpu(logits, teacher, column, excluded, mask_col,
-                                                  options.temperature, softcap)
+        return getattr(torch.ops.tcsm, f"shard_{name}_cpu")
     from ..triton import shard_rows
-    return shard_rows.row_stats(logits, teacher, column, excluded, mask_col,
-                                options.temperature, softcap)
-
-
-def _ratio_sums(backend, logits, teacher, delta, mask_col, options):
-    softcap = options.softcap or 0.0
-    if backend == "cpp":
-        return torch.ops.tcsm.shard_ratio_sums_cpu(logits, teacher, delta, mask_col,
-                                                   options.temperature, softcap,
-                                                   options.max_log_ratio)
-    from ..triton import shard_rows
-    return shard_rows.ratio_sums(logits, teacher, delta, mask_col, options.temperature, softcap,
-                                 options.max_log_ratio)
-
-
-def _row_grad(backend, logits, teacher, column, excluded, coefficients, out, mask_col,
-              options):
-    """coefficients: lse, alpha, beta, teacher_lse, gamma, rest_lse, eta, delta, kappa (N,)
-    float32 or None."""
-    softcap = options.softcap or 0.0
-    if backend == "cpp":
-        torch.ops.tcsm.shard_row_grad_cpu(logits, teacher, column, excluded, *coefficients, out,
-                                          mask_col, options.temperature, softcap,
-                                          options.max_log_ratio)
-        return
-    from ..triton import shard_rows
-    shard_rows.row_grad(logits, teacher, column, excluded, *coefficients, out, mask_col,
-                        options.temperature, softcap, options.max_log_ratio)
+    return getattr(shard_rows, name)
 
 
 def _merged_lse(max_, sums):
@@ -133,9 +106,8 @@ def _dense_losses(options: LossOptions, v: int, stats: dict, z_a: torch.Tensor):
 def _row_losses(inp: _checks.LossInputs, options: LossOptions, v: int, stats: dict,
                 x_ids: torch.Tensor, ids: torch.Tensor):
     """(N,) unweighted row losses (z-loss included) from the merged statistics, in a graph
-    whose leaves are the statistics (lse, linear, cross, rest_lse: those present) and x_ids."""
-    z_ids = x_ids if options.softcap is None else options.softcap * torch.tanh(
-        x_ids / options.softcap)
+    whose leaves are the statistics of ``_LEAVES`` (those present) and x_ids."""
+    z_ids = reference.student_logits(x_ids, options)
     z_a, lse = z_ids[:, 0], stats["lse"]
     if inp.kind == "data":
         class_a = None
@@ -154,9 +126,6 @@ def _row_losses(inp: _checks.LossInputs, options: LossOptions, v: int, stats: di
             counted = counted & (idx != inp.target[:, None])
             rows = reference.topk_score_losses(z_s, z_a, lse, values, counted, v, options)
         else:
-            def exp_(x):
-                return reference._clamped_exp(x, options.max_log_ratio)
-
             logp = z_s - lse[:, None]
             log_p_rest = rest_nonempty = None
             if options.tail == "zero":
@@ -164,8 +133,8 @@ def _row_losses(inp: _checks.LossInputs, options: LossOptions, v: int, stats: di
                 lse_rest = stats["rest_lse"]
                 log_p_rest = torch.where(torch.isfinite(lse_rest), lse_rest - lse,
                                          torch.where(rest_nonempty, float("-inf"), 0.0))
-            rows = reference.topk_cell_losses(values, counted, logp, log_p_rest, rest_nonempty,
-                                              options.divergence, options.tail, exp_, v)
+            rows = reference.topk_cell_losses(values, counted, logp, log_p_rest, rest_nonempty, v,
+                                              options)
     if options.lse_square_scale > 0:
         rows = rows + options.lse_square_scale * lse ** 2
     return rows
@@ -200,9 +169,11 @@ class _ShardPass:
                 weights[options.mask_id] = 0
             self.column = weights[layout.start:layout.start + width].contiguous()
             self.c_here, self.c_total = float(self.column.sum()), float(weights.sum())
-        self.ratio = self.teacher is not None and options.divergence == "is" or (
-            self.teacher is not None and options.objective == "distrib"
-            and options.divergence == "gkl")
+        # the dense ratio divergences, which need the sum of clamped ratios (E)
+        self.ratio = self.teacher is not None and (
+            options.divergence == "is" or (options.objective, options.divergence) == (
+                "distrib", "gkl"))
+        self.softcap = options.softcap or 0.0  # the kernels' "off"
 
     def _owned_values(self, t: torch.Tensor) -> torch.Tensor:
         """t (N, W) at the row's ids this rank owns, 0 elsewhere: (N, K') float64."""
@@ -216,8 +187,9 @@ class _ShardPass:
         statistics (N,) and the raw logits at the ids (N, K')."""
         x, layout = self.x, self.layout
         if x.shape[1]:
-            stats = _row_stats(self.backend, x, self.teacher, self.column, self.excluded,
-                               self.mask_col, self.options).double()
+            stats = _kernel(self.backend, "row_stats")(
+                x, self.teacher, self.column, self.excluded, self.mask_col,
+                self.options.temperature, self.softcap).double()
         else:
             stats = torch.tensor([float("-inf"), 0.0, 0.0, float("-inf"), 0.0, 0.0],
                                  dtype=torch.float64, device=x.device).expand(x.shape[0], _STATS)
@@ -249,18 +221,17 @@ class _ShardPass:
                       gap=every[:, :, 5].sum(0),  # sum (u - z)
                       teacher_a=every[:, :, _STATS + k].sum(0) / self.options.temperature)
         if self.ratio:
-            delta = _ratio_shift(self.options, merged, self._capped(x_ids[:, 0]))
+            delta = _ratio_shift(self.options, merged,
+                                 reference.student_logits(x_ids[:, 0], self.options))
             merged["delta"] = delta
-            sums = (_ratio_sums(self.backend, x, self.teacher, delta.float(), self.mask_col,
-                                self.options).double() if x.shape[1]
-                    else torch.zeros_like(delta))
+            sums = torch.zeros_like(delta)
+            if x.shape[1]:
+                sums = _kernel(self.backend, "ratio_sums")(
+                    x, self.teacher, delta.float(), self.mask_col, self.options.temperature,
+                    self.softcap, self.options.max_log_ratio).double()
             dist.all_reduce(sums, group=layout.group)
             merged["ratio_sum"] = sums
         return merged, x_ids
-
-    def _capped(self, x: torch.Tensor) -> torch.Tensor:
-        cap = self.options.softcap
-        return x if cap is None else cap * torch.tanh(x / cap)
 
     def statistic_gradients(self, merged: dict, x_ids: torch.Tensor):
         """The row losses (N,) and their gradients with respect to the statistics (a dict of
@@ -301,8 +272,9 @@ class _ShardPass:
         coefficients = [f32(t) for t in (merged["lse"], alpha, beta, merged.get("teacher_lse"),
                                           gamma, rest_lse, eta, delta, kappa)]
         if self.x.shape[1]:
-            _row_grad(self.backend, self.x, self.teacher, self.column, self.excluded,
-                      coefficients, grad, self.mask_col, self.options)
+            _kernel(self.backend, "row_grad")(
+                self.x, self.teacher, self.column, self.excluded, *coefficients, grad,
+                self.mask_col, self.options.temperature, self.softcap, self.options.max_log_ratio)
             grad.scatter_add_(1, self.local_ids, g_ids.to(grad.dtype))
 
 
@@ -323,9 +295,10 @@ class _ShardRowLoss(torch.autograd.Function):
         row_loss, g, g_ids = pass_.statistic_gradients(merged, x_ids)
         grad = x if inplace else gradient_buffer(x)
         pass_.write_gradient(grad, merged, g, g_ids)
+        lse = merged["lse"].float()
         ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(merged["lse"])
-        return row_loss.detach().float(), merged["lse"].float()
+        ctx.mark_non_differentiable(lse)
+        return row_loss.detach().float(), lse
 
     @staticmethod
     def backward(ctx, grad_rows, grad_lse):
